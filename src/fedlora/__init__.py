@@ -1,0 +1,1 @@
+"""fedlora: federated fine-tuning of foundation models with LoRA."""

@@ -1,0 +1,47 @@
+"""FedEx-LoRA: average A and B, and write the exact residual into the frozen weights (METHODS.md §8).
+
+Paper: R. Singhal, K. Ponkshe, P. Vepakomma, "FedEx-LoRA: Exact Aggregation for Federated and Efficient
+Fine-Tuning of Foundation Models", ACL 2025, arXiv:2410.09432.
+
+Per module: ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k`` and ``W0 ← W0 + (Σ p_k s_k B_k A_k − s·B̄Ā)``, hence
+``W0_new + s·B̄Ā == W0_old + Σ p_k s_k B_k A_k`` exactly. The residual is returned in nn.Linear layout; it is
+transposed only when written into a Conv1D weight (the reference code transposes for nn.Linear too; §8 bug).
+Weights default to uniform ``1/K`` as in the reference code.
+Up: A, B, heads. Down: Ā, B̄, heads and the dense residual (``m·n`` per module, generally full rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.adapters.algebra import LowRankTerm, dense_sum
+from fedlora.adapters.state import factors
+from fedlora.methods.base import AggregateResult, ClientUpdate, FedMethod, ServerState, register_method
+
+
+@register_method
+class FedExLoRA(FedMethod):
+    id = "fedex_lora"
+    family = "aggregation (exact, residual into W0)"
+    paper = "Singhal et al., ACL 2025, arXiv:2410.09432"
+    up = "A, B, heads"
+    down = "A, B, heads + dense residual m*n per module"
+    default_weighting = "uniform"
+    changes_base = True
+
+    def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        w = self.weights(updates)
+        adapter = self.average_keys(self.layout.all_keys, updates, w)
+        residual = {}
+        wire = 0
+        for spec in self.layout.modules:
+            ideal = dense_sum(
+                [
+                    LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0]))
+                    for p, (a, b) in ((p, factors(u.state, spec)) for p, u in zip(w, updates, strict=True))
+                ]
+            )
+            a_bar, b_bar = factors(adapter, spec)
+            residual[spec.name] = ideal - spec.scaling(a_bar.shape[0]) * (b_bar.float() @ a_bar.float())
+            wire += residual[spec.name].numel() * 4
+        return AggregateResult(adapter=adapter, base_delta=residual, base_delta_wire_bytes=wire)

@@ -1,0 +1,63 @@
+"""FedSA-LoRA: A is shared and averaged, B stays with each client (METHODS.md §19).
+
+Paper: P. Guo, S. Zeng, Y. Wang, H. Fan, F. Wang, L. Qu, "Selective Aggregation for Low-Rank Adaptation in
+Federated Learning", ICLR 2025, arXiv:2410.01463.
+
+Each client trains A and B; only A travels. Client k keeps its own ``B_k`` (and, as in the paper's GLUE
+configuration, its own classification head when ``local_head=True``) across rounds. Personal tensors are held
+per client by the engine and never pass through the server (the reference code's ``share_local_model: True``
+silently chains one B through all clients; METHODS.md §19). There is no global model: evaluation is
+personalised, on each client's own test split.
+Up: A (``r·n`` per module) [and heads when ``local_head=False``]. Down: A [and heads].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.adapters.state import AdapterState, LoraLayout, subset
+from fedlora.methods.base import (
+    AggregateResult,
+    ClientPlan,
+    ClientUpdate,
+    FedMethod,
+    ServerState,
+    register_method,
+)
+
+
+@register_method
+class FedSALoRA(FedMethod):
+    id = "fedsa_lora"
+    family = "personalised (shared A, local B)"
+    paper = "Guo et al., ICLR 2025, arXiv:2410.01463"
+    up = "A (heads too if local_head=false)"
+    down = "A (heads too if local_head=false)"
+    default_weighting = "samples_seen"
+    has_personal_state = True
+    has_global_model = False
+
+    def __init__(self, layout: LoraLayout, *, weighting: str = "auto", seed: int = 0, local_head: bool = True):
+        super().__init__(layout, weighting=weighting, seed=seed)
+        self.local_head = local_head
+
+    def shared_keys(self) -> tuple[str, ...]:
+        return self.layout.a_keys + (() if self.local_head else self.layout.other_keys)
+
+    def personal_keys(self) -> tuple[str, ...]:
+        return self.layout.b_keys + (self.layout.other_keys if self.local_head else ())
+
+    def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
+        shared = self.shared_keys()
+        return ClientPlan(
+            rnd, client_id, subset(server.adapter, shared), frozenset(self.layout.all_keys), shared
+        )
+
+    def finish(self, plan: ClientPlan, trained: AdapterState) -> tuple[AdapterState, AdapterState | None]:
+        return subset(trained, plan.upload_keys), subset(trained, self.personal_keys())
+
+    def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        w = self.weights(updates)
+        adapter = dict(server.adapter)
+        adapter.update(self.average_keys(self.shared_keys(), updates, w))
+        return AggregateResult(adapter=adapter)

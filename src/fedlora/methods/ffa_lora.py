@@ -1,0 +1,47 @@
+"""FFA-LoRA: A frozen at its common random initialisation, only B is trained and averaged (METHODS.md §2).
+
+Paper: Y. Sun, Z. Li, Y. Li, B. Ding, "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024,
+arXiv:2403.12313.
+
+Every client holds the same A (the common initial adapter, drawn from the run seed), so
+``s·(Σ p_k B_k)·A == Σ p_k s·B_k·A``: the ideal aggregate with no SVD. Weighting defaults to the samples
+processed this round, as in the FederatedScope reference (≈ uniform with equal local steps).
+Up: B and heads (``m·r`` per module). Down: B and heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.adapters.state import subset
+from fedlora.methods.base import (
+    AggregateResult,
+    ClientPlan,
+    ClientUpdate,
+    FedMethod,
+    ServerState,
+    register_method,
+)
+
+
+@register_method
+class FFALoRA(FedMethod):
+    id = "ffa_lora"
+    family = "aggregation (single factor)"
+    paper = "Sun et al., ICLR 2024, arXiv:2403.12313"
+    up = "B, heads"
+    down = "B, heads"
+    default_weighting = "samples_seen"
+
+    def _shared_keys(self) -> tuple[str, ...]:
+        return self.layout.b_keys + self.layout.other_keys
+
+    def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
+        keys = self._shared_keys()
+        return ClientPlan(rnd, client_id, subset(server.adapter, keys), frozenset(keys), keys)
+
+    def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        w = self.weights(updates)
+        adapter = dict(server.adapter)  # A stays the common initial A
+        adapter.update(self.average_keys(self._shared_keys(), updates, w))
+        return AggregateResult(adapter=adapter)
