@@ -1,0 +1,306 @@
+"""The Python API: ``fedlora.run(RunConfig(...))`` wires data, model, method and the local engine together.
+
+It is the only layer besides the CLI that does I/O (the run directory) and reads the environment (threads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.adapters.peft_io import AdapterSlots, add_to_base
+from fedlora.adapters.state import AdapterState, LoraLayout
+from fedlora.client.train import TrainSettings
+from fedlora.config import ConfigError, RunConfig, default_threads
+from fedlora.engines.local import ClientSplits, LocalEngine
+from fedlora.federation.round import Ledger, RoundReport, run_round, sample_clients
+from fedlora.methods import FedMethod, build_method
+from fedlora.runs import RunDir, RunDirError
+from fedlora.tasks import Task, get_task
+
+log = logging.getLogger("fedlora")
+
+DEFAULT_DATASET_LABEL_CAP = 300
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the run directory, the final server state and per-round records."""
+
+    run_dir: Path
+    config: RunConfig
+    global_adapter: AdapterState
+    base_delta: dict[str, torch.Tensor]
+    personal: dict[int, AdapterState]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill the defaults that depend on other options (the default task's labels, weighting, threads)."""
+    from fedlora.data import DEFAULT_DATASET, DEFAULT_LABELS
+    from fedlora.methods import get_method_class
+
+    changes: dict[str, Any] = {}
+    if cfg.dataset == DEFAULT_DATASET:
+        if cfg.labels is None:
+            changes["labels"] = list(DEFAULT_LABELS)
+        if cfg.max_examples_per_label is None:
+            changes["max_examples_per_label"] = DEFAULT_DATASET_LABEL_CAP
+    if cfg.weighting == "auto":
+        changes["weighting"] = get_method_class(cfg.method).default_weighting
+    if cfg.threads is None:
+        changes["threads"] = default_threads() or torch.get_num_threads()
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _settings(cfg: RunConfig) -> TrainSettings:
+    return TrainSettings(
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+
+
+@dataclass
+class Setup:
+    """The assembled pieces of a run (exposed for benchmarks and tests)."""
+
+    config: RunConfig
+    task: Task
+    tokenizer: Any
+    model: torch.nn.Module
+    layout: LoraLayout
+    method: FedMethod
+    engine: LocalEngine
+    data_info: dict[str, Any]
+    pad_id: int
+
+
+def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
+    """Load data and model, wrap LoRA, build the method and the local engine (no training)."""
+    from fedlora.data import label_histogram, prepare_federated_data
+    from fedlora.models import load_tokenizer, wrap_lora
+
+    data = prepare_federated_data(
+        cfg.dataset,
+        num_clients=cfg.clients,
+        partition=cfg.partition,
+        split=cfg.dataset_split,
+        config_name=cfg.dataset_config,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        labels=cfg.labels,
+        max_examples_per_label=cfg.max_examples_per_label,
+        global_test_fraction=cfg.global_test_fraction,
+        client_test_fraction=cfg.client_test_fraction,
+        seed=cfg.seed,
+    )
+    task = get_task(cfg.task)
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ConfigError(f"model {cfg.model!r}: its tokenizer has neither a pad nor an eos token")
+    base = task.load_model(cfg.model, num_labels=len(data.label_names), seed=cfg.seed)
+    model = wrap_lora(
+        base,
+        task_type=task.peft_task_type,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=cfg.init_lora_weights,
+        seed=cfg.seed,
+    )
+    layout = LoraLayout.from_peft_model(model)
+    method = build_method(cfg.method, layout, weighting=cfg.weighting, seed=cfg.seed, **cfg.method_options)
+
+    def enc(ds: Any) -> Any:
+        return task.encode(tokenizer, list(ds["text"]), list(ds["label"]), cfg.max_length)
+
+    clients = [ClientSplits(train=enc(c.train), test=enc(c.test)) for c in data.clients]
+    engine = LocalEngine(
+        model=model,
+        layout=layout,
+        method=method,
+        task=task,
+        clients=clients,
+        global_test=enc(data.test),
+        settings=_settings(cfg),
+        seed=cfg.seed,
+        pad_id=pad_id,
+        eval_batch_size=cfg.eval_batch_size,
+        on_client_done=on_client_done,
+    )
+    info = {
+        "labels": data.label_names,
+        "global_test_examples": len(data.test),
+        "clients": [
+            {"client": c.client_id, "train": len(c.train), "test": len(c.test), "label_counts": h}
+            for c, h in zip(data.clients, label_histogram(data), strict=True)
+        ],
+    }
+    return Setup(cfg, task, tokenizer, model, layout, method, engine, info, pad_id)
+
+
+def _dense_base_bytes(layout: LoraLayout) -> int:
+    return sum(4 * m.in_features * m.out_features for m in layout.modules)
+
+
+RESUME_OVERRIDABLE = ("rounds", "progress", "threads")
+
+
+def run(cfg: RunConfig | None = None) -> RunResult:
+    """Run a federated fine-tuning job in a new run directory; returns a :class:`RunResult`."""
+    cfg = resolve_config(cfg or RunConfig())
+    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+    run_dir = RunDir(Path(cfg.out_dir) / name)
+    if run_dir.config_path.exists():
+        raise RunDirError(f"{run_dir.path} already holds a run; pick another run_name or use --resume")
+    return _execute(cfg, run_dir, resuming=False)
+
+
+def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
+    """Continue the run in ``run_dir`` after its last complete checkpoint.
+
+    The run's saved configuration is used; only ``rounds`` (to extend a run), ``progress`` and ``threads`` may
+    be overridden. The result equals that of an uninterrupted run.
+    """
+    rd = RunDir(run_dir)
+    bad = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
+    if bad:
+        raise ConfigError(f"--resume keeps the run's configuration; cannot change {bad} "
+                          f"(allowed: {', '.join(RESUME_OVERRIDABLE)})")
+    cfg = resolve_config(RunConfig.from_dict(rd.read_config()).replace(**overrides))
+    return _execute(cfg, rd, resuming=True)
+
+
+def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(cfg.threads)
+    progress = _Progress(cfg)
+    setup = build(cfg, on_client_done=progress.client_done)
+    engine, method = setup.engine, setup.method
+
+    server = method.init_server(engine.initial)
+    ledger = Ledger()
+    if resuming:
+        ckpt = run_dir.latest_checkpoint()
+        if ckpt is None:
+            raise RunDirError(f"{run_dir.path} has no complete checkpoint to resume from")
+        server, engine.personal, state = RunDir.load_checkpoint(ckpt)
+        ledger = Ledger.from_json(state["ledger"])
+        if server.base_delta:
+            add_to_base(setup.model, setup.layout, server.base_delta)
+        run_dir.truncate_metrics(server.round)
+        log.info("resuming %s after round %d", run_dir.path, server.round)
+    else:
+        run_dir.create(cfg.to_dict(), setup.data_info)
+        log.info("run directory: %s", run_dir.path)
+
+    for rnd in range(server.round, cfg.rounds):
+        clients = sample_clients(
+            cfg.clients, rnd, cfg.seed, per_round=cfg.clients_per_round, fraction=cfg.client_fraction
+        )
+        progress.start_round(rnd, len(clients))
+        server, report = run_round(
+            rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=_dense_base_bytes(setup.layout)
+        )
+        run_dir.append_metrics(report.record())
+        run_dir.save_checkpoint(server, engine.personal, {"ledger": ledger.to_json()})
+        progress.end_round(report)
+
+    _save_final(run_dir, setup, server, engine)
+    history = run_dir.read_metrics()
+    run_dir.write_summary({"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}})
+    return RunResult(run_dir.path, cfg, server.adapter, server.base_delta, dict(engine.personal), history)
+
+
+def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine) -> None:
+    slots = engine.slots
+    if setup.method.has_global_model:
+        slots.load(server.adapter)
+        setup.model.save_pretrained(str(run_dir.path / "adapter"))
+    run_dir.save_base_delta(server.base_delta)
+    for cid in sorted(engine.personal):
+        slots.load(engine.client_model_state(cid, server))
+        setup.model.save_pretrained(str(run_dir.path / "personal" / f"client-{cid}"))
+    run_dir.plot()
+
+
+def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.nn.Module, Any]:
+    """The trained model of a run: base model (+ the base-weight change, if the method made one) + its adapter.
+
+    ``adapter`` is ``"adapter"`` (global) or ``"personal/client-K"``. Returns ``(model, tokenizer)``.
+    """
+    from peft import PeftModel
+
+    from fedlora.models import load_tokenizer
+
+    rd = RunDir(run_dir)
+    cfg = RunConfig.from_dict(rd.read_config())
+    labels = json.loads((rd.path / "data.json").read_text())["labels"]
+    task = get_task(cfg.task)
+    base = task.load_model(cfg.model, num_labels=len(labels), seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, str(rd.path / adapter))
+    delta_file = rd.path / "base_delta.safetensors"
+    if delta_file.is_file():
+        from safetensors.torch import load_file
+
+        add_to_base(model, LoraLayout.from_peft_model(model), load_file(str(delta_file)))
+    model.eval()
+    AdapterSlots(model)  # checks that every adapter tensor is in place
+    return model, load_tokenizer(cfg.model)
+
+
+class _Progress:
+    """A tqdm bar per round over its clients, with the running metrics; silent when progress is off."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.bar: Any = None
+        self.losses: list[float] = []
+
+    def start_round(self, rnd: int, n_clients: int) -> None:
+        self.losses = []
+        if self.cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n_clients, desc=f"round {rnd + 1}/{self.cfg.rounds}", unit="client", leave=True)
+
+    def client_done(self, update: Any) -> None:
+        self.losses.append(float(update.metrics.get("train_loss", float("nan"))))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(train_loss=f"{sum(self.losses) / len(self.losses):.4f}")
+
+    def end_round(self, report: RoundReport) -> None:
+        shown = {"train_loss": f"{report.train_loss:.4f}"}
+        for key in ("global_accuracy", "personal_accuracy"):
+            if key in report.metrics:
+                shown[key.replace("_accuracy", "_acc")] = f"{report.metrics[key]:.4f}"
+        if report.rejected:
+            shown["rejected"] = str(len(report.rejected))
+        if self.bar is not None:
+            self.bar.set_postfix(shown)
+            self.bar.close()
+            self.bar = None
+        else:
+            log.info("round %d: %s", report.round + 1, ", ".join(f"{k}={v}" for k, v in shown.items()))

@@ -1,0 +1,232 @@
+"""The run configuration: one typed, validated, flat dataclass.
+
+Every option has a type, a default and a help text (the CLI's ``--help`` and the README's option table are made
+from them). Values enter through :meth:`RunConfig.from_dict` (a TOML/JSON file, CLI flags, Python), which
+rejects an unknown key or a bad value before any work starts, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and the allowed values."""
+
+
+def _opt(default: Any, help: str, kind: type | str, *, choices: Any = None, nullable: bool = False,
+         minimum: float | None = None, maximum: float | None = None) -> Any:
+    meta = {"help": help, "kind": kind, "choices": choices, "nullable": nullable, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _method_choices() -> list[str]:
+    from fedlora.methods import method_ids
+
+    return method_ids()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All options of a federated run (see ``fedlora run --help`` and the README's option table)."""
+
+    # what runs
+    method: str = _opt("fedit", "federated method id (see `fedlora methods`)", str, choices=_method_choices)
+    method_options: dict = _opt({}, "method-specific options, e.g. {local_head = false} for fedsa_lora", dict)
+    weighting: str = _opt("auto", "client weights: auto (the method's paper), num_examples, samples_seen, uniform",
+                          str, choices=("auto", "num_examples", "samples_seen", "uniform"))
+    rounds: int = _opt(5, "number of federated rounds", int, minimum=1)
+    clients: int = _opt(8, "number of clients the data is partitioned into", int, minimum=1)
+    clients_per_round: int = _opt(None, "clients sampled per round (default: all)", int, nullable=True, minimum=1)
+    client_fraction: float = _opt(None, "fraction of clients sampled per round (alternative to clients_per_round)",
+                                  float, nullable=True, minimum=0.0, maximum=1.0)
+    seed: int = _opt(0, "seed of every random choice: splits, sampling, init, shuffling, dropout", int)
+    # model and adapter
+    model: str = _opt("default", "'default' (embedded all-MiniLM-L6-v2), a local directory or a Hugging Face hub id",
+                      str)
+    task: str = _opt("classification", "task type", str, choices=("classification",))
+    lora_r: int = _opt(8, "LoRA rank", int, minimum=1)
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora)", float, minimum=0)
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input", float, minimum=0.0, maximum=1.0)
+    target_modules: list = _opt(None, "modules to adapt (default: per architecture, e.g. query,value for BERT)",
+                                list, nullable=True)
+    modules_to_save: list = _opt(None, "extra fully-trained modules (default: the task head)", list, nullable=True)
+    use_rslora: bool = _opt(False, "rank-stabilised scale alpha/sqrt(r)", bool)
+    init_lora_weights: str = _opt("default", "LoRA A init: default (kaiming-uniform) or gaussian", str,
+                                  choices=("default", "gaussian"))
+    # data
+    dataset: str = _opt("default", "'default' (embedded WordNet supersenses), a local CSV/JSON/JSONL/Parquet file "
+                        "or a Hugging Face hub id", str)
+    dataset_config: str = _opt(None, "hub dataset configuration name", str, nullable=True)
+    dataset_split: str = _opt("train", "split to load from a hub dataset", str)
+    text_column: str = _opt("text", "column holding the input text", str)
+    label_column: str = _opt("label", "column holding the label", str)
+    labels: list = _opt(None, "keep only these label values (default dataset: 8 noun supersenses)", list,
+                        nullable=True)
+    max_examples_per_label: int = _opt(None, "cap per label, seeded (default dataset: 300)", int, nullable=True,
+                                       minimum=1)
+    partition: str = _opt("dirichlet:0.5", "iid | dirichlet:<alpha> | pathological:<k> | natural:<column>", str)
+    global_test_fraction: float = _opt(0.1, "held-out global test fraction", float, minimum=0.0, maximum=0.9)
+    client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", float,
+                                       minimum=0.0, maximum=0.9)
+    max_length: int = _opt(64, "maximum tokens per example", int, minimum=4)
+    # local training
+    local_epochs: int = _opt(1, "local epochs per round (ignored when local_steps is set)", int, minimum=1)
+    local_steps: int = _opt(None, "local optimiser steps per round (overrides local_epochs)", int, nullable=True,
+                            minimum=1)
+    batch_size: int = _opt(16, "local training batch size", int, minimum=1)
+    eval_batch_size: int = _opt(128, "evaluation batch size", int, minimum=1)
+    optimizer: str = _opt("adamw", "local optimiser (state is reset every round, as in the papers' code)", str,
+                          choices=("adamw", "sgd"))
+    lr: float = _opt(3e-3, "local learning rate", float, minimum=0.0)
+    weight_decay: float = _opt(0.0, "weight decay", float, minimum=0.0)
+    momentum: float = _opt(0.0, "SGD momentum", float, minimum=0.0, maximum=1.0)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0)
+    # runtime and output
+    threads: int = _opt(None, "torch CPU threads (default: 1 under CI, else torch's default)", int, nullable=True,
+                        minimum=1)
+    out_dir: str = _opt("runs", "directory that receives run directories", str)
+    run_name: str = _opt(None, "run directory name (default: <time>-<method>)", str, nullable=True)
+    progress: bool = _opt(True, "show a progress bar", bool)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        if self.clients_per_round is not None and self.client_fraction is not None:
+            raise ConfigError("set either clients_per_round or client_fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}")
+        from fedlora.data import parse_partition
+
+        try:
+            parse_partition(self.partition)
+        except ValueError as e:
+            raise ConfigError(f"partition: {e}") from None
+        from fedlora.methods import get_method_class
+
+        cls = get_method_class(self.method)
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        allowed = [p for p in params if p not in ("self", "layout", "weighting", "seed")]
+        for key in self.method_options:
+            if key not in allowed:
+                raise ConfigError(
+                    f"method_options: {key!r} is not an option of {self.method}; allowed: {allowed or 'none'}"
+                )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build from a mapping (keys may use '-' for '_'); strings are parsed as on the command line."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        out = dataclasses.asdict(base) if base is not None else {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in names:
+                close = difflib.get_close_matches(key, list(names), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {raw_key!r}{hint}; allowed keys: {', '.join(names)}")
+            out[key] = _coerce(names[key], value)
+        return cls(**out)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], base: RunConfig | None = None) -> RunConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse {p}: {e}") from None
+        return cls.from_dict(data, base)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.from_dict(changes, base=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def help_table() -> list[tuple[str, str, str]]:
+        """``(name, default, help)`` for every option, in declaration order."""
+        rows = []
+        for f in dataclasses.fields(RunConfig):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, json.dumps(default), f.metadata["help"]))
+        return rows
+
+
+def _choices(f: dataclasses.Field) -> Any:
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def _check(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if value is None:
+        if not meta["nullable"]:
+            raise ConfigError(f"{f.name} must not be null")
+        return
+    kind = meta["kind"]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ConfigError(f"{f.name}={value!r} must be of type {kind.__name__}")
+    choices = _choices(f)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{f.name}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{f.name}={value!r} must be >= {meta['min']}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{f.name}={value!r} must be <= {meta['max']}")
+    if kind is list and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{f.name} must be a list of strings")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Parse command-line strings into the option's type; leave typed values (TOML, Python) to :func:`_check`."""
+    kind = f.metadata["kind"]
+    if not isinstance(value, str) or kind is str:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is list and isinstance(value, tuple):
+            return list(value)
+        return value
+    text = value.strip()
+    if f.metadata["nullable"] and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is list:
+            return [v.strip() for v in text.split(",") if v.strip()]
+        if kind is dict:
+            return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{f.name}={value!r} is not a valid {kind.__name__}") from None
+    return value
+
+
+def default_threads() -> int | None:
+    """One torch thread under CI (two collapse on a busy 2-core machine), else torch's own default."""
+    return 1 if os.environ.get("CI", "").lower() in ("1", "true", "yes") else None

@@ -1,0 +1,60 @@
+"""The task interface: how examples become batches, what the loss is and how a model is scored.
+
+The engine only calls these methods, so a new task (the causal-LM supervised fine-tuning task, say) plugs in
+without touching the engine or the round logic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenised examples of one split: token ids per example and one target per example."""
+
+    input_ids: list[list[int]]
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Task(ABC):
+    """A supervised task over text examples."""
+
+    name: str
+    peft_task_type: str
+
+    @abstractmethod
+    def load_model(self, source: str, *, num_labels: int, seed: int) -> torch.nn.Module:
+        """The base model for this task (before LoRA wrapping)."""
+
+    @abstractmethod
+    def encode(self, tokenizer: Any, texts: list[str], targets: list[int], max_length: int) -> Encoded:
+        """Tokenise once; batches are cut from the result every round."""
+
+    @abstractmethod
+    def collate(self, encoded: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """A model-ready batch of the examples at ``index``."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the batch (differentiable)."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, encoded: Encoded, batch_size: int, pad_id: int) -> dict[str, float]:
+        """Metrics over a split, e.g. ``{"loss": …, "accuracy": …}``."""
+
+    def batch_indices(
+        self, n: int, batch_size: int, generator: torch.Generator | None
+    ) -> Iterator[list[int]]:
+        """Shuffled (if a generator is given) index batches covering ``range(n)`` once."""
+        order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]

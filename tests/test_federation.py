@@ -1,0 +1,145 @@
+"""Round logic without a model: sampling, reply validation and rejection, byte counting, base-delta handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from helpers import HEAD, random_state
+
+from fedlora.adapters import state_bytes
+from fedlora.federation.round import Ledger, run_round, sample_clients, validate_update
+from fedlora.methods import ClientUpdate, build_method
+
+
+class FakeRuntime:
+    """Replies with prepared states (or errors) and records what the round logic asked for."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.base_deltas = []
+        self.evaluated = 0
+
+    def train(self, plans):
+        return [self.replies(p) for p in plans]
+
+    def apply_base_delta(self, delta):
+        self.base_deltas.append(delta)
+
+    def evaluate(self, server):
+        self.evaluated += 1
+        return {"global_accuracy": 0.5}
+
+
+def test_sampling_is_seeded_and_sized() -> None:
+    a = sample_clients(20, 3, seed=1, per_round=5)
+    assert a == sample_clients(20, 3, seed=1, per_round=5) and len(a) == 5 and a == sorted(a)
+    assert a != sample_clients(20, 4, seed=1, per_round=5)
+    assert len(sample_clients(20, 0, seed=1, fraction=0.25)) == 5
+    assert sample_clients(6, 0, seed=1) == list(range(6))
+
+
+def _reply_from(layout, gen, n=10):
+    def reply(plan):
+        st = random_state(layout, gen)
+        return ClientUpdate(plan.client_id, {k: st[k] for k in plan.upload_keys}, num_examples=n, samples_seen=n)
+
+    return reply
+
+
+def test_bad_replies_are_rejected_and_round_goes_on(layout, gen, caplog) -> None:
+    method = build_method("fedit", layout)
+    server = method.init_server(random_state(layout, gen))
+    good = _reply_from(layout, gen)
+    a0 = layout.a_keys[0]
+
+    def replies(plan):
+        u = good(plan)
+        if plan.client_id == 1:
+            return dataclasses.replace(u, state={**u.state, a0: torch.full_like(u.state[a0], float("nan"))})
+        if plan.client_id == 2:
+            return dataclasses.replace(u, state={**u.state, a0: torch.zeros(5, 5)})
+        if plan.client_id == 3:
+            return dataclasses.replace(u, state={k: v for k, v in u.state.items() if k != HEAD})
+        if plan.client_id == 4:
+            return RuntimeError("out of memory")
+        if plan.client_id == 5:
+            return dataclasses.replace(u, state={**u.state, a0: u.state[a0].double()})
+        return u
+
+    rt = FakeRuntime(replies)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        new, report = run_round(0, method, server, Ledger(), rt, clients=list(range(6)), dense_base_bytes=0)
+    assert report.accepted == [0]
+    assert set(report.rejected) == {1, 2, 3, 4, 5}
+    assert "non-finite" in report.rejected[1]
+    assert "shape (5, 5), expected (2, 4)" in report.rejected[2]
+    assert "missing ['head.weight']" in report.rejected[3]
+    assert "out of memory" in report.rejected[4]
+    assert "dtype torch.float64" in report.rejected[5]
+    assert "rejected the reply of client 2" in caplog.text
+    assert new.round == 1 and rt.evaluated == 1
+
+
+def test_all_rejected_keeps_global_state(layout, gen) -> None:
+    method = build_method("fedit", layout)
+    server = method.init_server(random_state(layout, gen))
+    rt = FakeRuntime(lambda p: ValueError("boom"))
+    new, report = run_round(0, method, server, Ledger(), rt, clients=[0, 1], dense_base_bytes=0)
+    assert report.accepted == [] and new.round == 1
+    for k in layout.all_keys:
+        assert torch.equal(new.adapter[k], server.adapter[k])
+
+
+def test_bytes_count_what_travels(layout, gen) -> None:
+    full = sum(s.rank * (s.in_features + s.out_features) * 4 for s in layout.modules) + 15 * 4
+    for name, up_per_client in [
+        ("fedit", full),
+        ("ffa_lora", sum(s.rank * s.out_features * 4 for s in layout.modules) + 60),
+        ("fedsa_lora", sum(s.rank * s.in_features * 4 for s in layout.modules)),
+    ]:
+        method = build_method(name, layout)
+        server = method.init_server(random_state(layout, gen))
+        _, report = run_round(
+            0, method, server, Ledger(), FakeRuntime(_reply_from(layout, gen)), clients=[0, 2, 3], dense_base_bytes=0
+        )
+        assert report.bytes_up == 3 * up_per_client, name
+        assert report.bytes_down == 3 * state_bytes(method.plan(0, 0, server).download), name
+
+
+def test_base_delta_is_applied_accumulated_and_counted(layout, gen) -> None:
+    method = build_method("fedex_lora", layout)
+    server = method.init_server(random_state(layout, gen))
+    ledger = Ledger()
+    rt = FakeRuntime(_reply_from(layout, gen))
+    dense = sum(4 * s.in_features * s.out_features for s in layout.modules)
+    s1, r1 = run_round(0, method, server, ledger, rt, clients=[0, 1], dense_base_bytes=dense)
+    s2, r2 = run_round(1, method, s1, ledger, rt, clients=[0, 2], dense_base_bytes=dense)
+    assert len(rt.base_deltas) == 2
+    for spec in layout.modules:
+        torch.testing.assert_close(
+            s2.base_delta[spec.name], rt.base_deltas[0][spec.name] + rt.base_deltas[1][spec.name]
+        )
+    adapter_down = state_bytes(method.plan(0, 0, server).download)
+    assert r1.bytes_down == 2 * adapter_down  # nothing pending before the first aggregation
+    assert r2.bytes_down == 2 * adapter_down + 2 * dense  # both need the residual of round 0
+
+
+def test_validate_update_rejects_wrong_client(layout, gen) -> None:
+    method = build_method("fedit", layout)
+    server = method.init_server(random_state(layout, gen))
+    plan = method.plan(0, 3, server)
+    u = ClientUpdate(4, dict(server.adapter), num_examples=1)
+    assert "client 4" in validate_update(u, plan, server.adapter)
+    assert validate_update(dataclasses.replace(u, client_id=3), plan, server.adapter) is None
+    assert "num_examples=0" in validate_update(
+        dataclasses.replace(u, client_id=3, num_examples=0), plan, server.adapter
+    )
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_ledger_roundtrip(n: int) -> None:
+    led = Ledger(base_updates=[(i, 10 * i) for i in range(n)], last_sync={1: n})
+    assert Ledger.from_json(led.to_json()) == led
