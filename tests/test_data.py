@@ -43,15 +43,11 @@ def _rows(data: FederatedData) -> list[list[tuple[str, int]]]:
 def _filtered(table: pa.Table, labels: tuple[str, ...]) -> collections.Counter[tuple[str, str]]:
     """Multiset of (text, label) rows of the shipped table whose label is one of ``labels``."""
     kept = table.filter(pc.is_in(table.column("label"), pa.array(labels)))
-    return collections.Counter(
-        zip(kept.column("text").to_pylist(), kept.column("label").to_pylist(), strict=True)
-    )
+    return collections.Counter(zip(kept.column("text").to_pylist(), kept.column("label").to_pylist(), strict=True))
 
 
 def _named_multiset(data: FederatedData) -> collections.Counter[tuple[str, str]]:
-    return collections.Counter(
-        (text, data.label_names[label]) for part in _rows(data) for text, label in part
-    )
+    return collections.Counter((text, data.label_names[label]) for part in _rows(data) for text, label in part)
 
 
 def _client_label_sets(data: FederatedData) -> list[set[int]]:
@@ -177,9 +173,7 @@ def test_parse_partition_rejects(spec: str) -> None:
 # ------------------------------------------------------------------------------- default task
 
 
-def test_default_task_covers_selected_data_exactly_once(
-    default_data: FederatedData, wordnet_table: pa.Table
-) -> None:
+def test_default_task_covers_selected_data_exactly_once(default_data: FederatedData, wordnet_table: pa.Table) -> None:
     assert default_data.label_names == sorted(DEFAULT_LABELS)
     assert len(default_data.clients) == 8
     assert [c.client_id for c in default_data.clients] == list(range(8))
@@ -196,9 +190,7 @@ def test_default_task_covers_selected_data_exactly_once(
         assert len(client.test) == max(1, math.floor(0.2 * (len(client.train) + len(client.test)) + 0.5))
     union = _named_multiset(default_data)
     assert sum(union.values()) == 8 * 500
-    assert collections.Counter(label for _, label in union.elements()) == {
-        label: 500 for label in DEFAULT_LABELS
-    }
+    assert collections.Counter(label for _, label in union.elements()) == {label: 500 for label in DEFAULT_LABELS}
     assert not union - _filtered(
         wordnet_table, DEFAULT_LABELS
     )  # every row comes from the filtered data, none is used twice
@@ -217,9 +209,7 @@ def test_same_seed_reproduces_and_other_seed_differs(default_data: FederatedData
     again = prepare_federated_data(num_clients=8, partition="dirichlet:0.5", seed=0, **DEFAULT_TASK)
     other = prepare_federated_data(num_clients=8, partition="dirichlet:0.5", seed=1, **DEFAULT_TASK)
     assert _rows(again) == _rows(default_data)
-    assert [list(c.train["text"]) for c in again.clients] == [
-        list(c.train["text"]) for c in default_data.clients
-    ]
+    assert [list(c.train["text"]) for c in again.clients] == [list(c.train["text"]) for c in default_data.clients]
     assert _rows(other) != _rows(default_data)
     assert label_histogram(other) != label_histogram(default_data)
     assert list(other.test["text"]) != list(default_data.test["text"])

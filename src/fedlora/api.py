@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters.peft_io import AdapterSlots, add_to_base
+from fedlora.adapters.peft_io import AdapterSlots, add_to_base, base_weights
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
@@ -205,10 +205,13 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
         ckpt = run_dir.latest_checkpoint()
         if ckpt is None:
             raise RunDirError(f"{run_dir.path} has no complete checkpoint to resume from")
-        server, engine.personal, state = RunDir.load_checkpoint(ckpt)
+        server, engine.personal, weights, state = RunDir.load_checkpoint(ckpt)
         ledger = Ledger.from_json(state["ledger"])
-        if server.base_delta:
-            add_to_base(setup.model, setup.layout, server.base_delta)
+        if method.changes_base:
+            live = base_weights(setup.model, setup.layout)
+            with torch.no_grad():
+                for name, w in weights.items():
+                    live[name].copy_(w)
         run_dir.truncate_metrics(server.round)
         log.info("resuming %s after round %d", run_dir.path, server.round)
     else:
@@ -224,7 +227,8 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
             rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=_dense_base_bytes(setup.layout)
         )
         run_dir.append_metrics(report.record())
-        run_dir.save_checkpoint(server, engine.personal, {"ledger": ledger.to_json()})
+        frozen = base_weights(setup.model, setup.layout) if method.changes_base else None
+        run_dir.save_checkpoint(server, engine.personal, {"ledger": ledger.to_json()}, frozen)
         progress.end_round(report)
 
     _save_final(run_dir, setup, server, engine)

@@ -81,15 +81,24 @@ class RunDir:
         return self.path / "checkpoints" / f"round-{rounds_done:04d}"
 
     def save_checkpoint(
-        self, server: ServerState, personal: Mapping[int, Mapping[str, torch.Tensor]], extra: Mapping[str, Any]
+        self,
+        server: ServerState,
+        personal: Mapping[int, Mapping[str, torch.Tensor]],
+        extra: Mapping[str, Any],
+        base_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write the state after ``server.round`` completed rounds, atomically (temp dir, then rename)."""
+        """Write the state after ``server.round`` completed rounds, atomically (temp dir, then rename).
+
+        ``base_weights`` are the current frozen weights of the adapted modules when a method changes them: a
+        resumed run restores them bit for bit (re-adding the cumulative delta would round differently).
+        """
         final = self.checkpoint_dir(server.round)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = {f"adapter/{k}": v for k, v in server.adapter.items()}
         tensors.update({f"base/{k}": v for k, v in server.base_delta.items()})
+        tensors.update({f"weight/{k}": v for k, v in (base_weights or {}).items()})
         _save_tensors(tmp / "server.safetensors", tensors)
         _save_tensors(
             tmp / "personal.safetensors",
@@ -108,16 +117,20 @@ class RunDir:
         return done[-1] if done else None
 
     @staticmethod
-    def load_checkpoint(ckpt: Path) -> tuple[ServerState, dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+    def load_checkpoint(
+        ckpt: Path,
+    ) -> tuple[ServerState, dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, Any]]:
+        """``(server state, personal states, base weights, JSON state)`` of a checkpoint."""
         state = json.loads((ckpt / "state.json").read_text())
         tensors = load_file(str(ckpt / "server.safetensors"))
         adapter = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
         base = {k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")}
+        weights = {k[len("weight/") :]: v for k, v in tensors.items() if k.startswith("weight/")}
         personal: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in load_file(str(ckpt / "personal.safetensors")).items():
             _, cid, name = key.split("/", 2)
             personal.setdefault(int(cid), {})[name] = value
-        return ServerState(round=int(state["round"]), adapter=adapter, base_delta=base), personal, state
+        return ServerState(round=int(state["round"]), adapter=adapter, base_delta=base), personal, weights, state
 
     # ------------------------------------------------------------------ final artefacts
     def save_base_delta(self, base_delta: Mapping[str, torch.Tensor]) -> None:
