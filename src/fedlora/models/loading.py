@@ -93,8 +93,11 @@ def resolve_model(source: str) -> str:
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -139,6 +142,15 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     )
 
 
+def _targets_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
+    """True when the targeted layers are GPT-2-style ``Conv1D`` (weight stored ``(in, out)``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(
+        isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules()
+    )
+
+
 def wrap_lora(
     model: torch.nn.Module,
     *,
@@ -157,6 +169,7 @@ def wrap_lora(
 
     targets = target_modules or default_target_modules(model)
     cfg = LoraConfig(
+        fan_in_fan_out=_targets_conv1d(model, targets),
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,

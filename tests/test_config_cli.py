@@ -1,0 +1,125 @@
+"""Configuration validation, files and flags, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import ConfigError, RunConfig
+
+
+def test_defaults_are_valid_and_resolve() -> None:
+    from fedlora.api import resolve_config
+
+    cfg = resolve_config(RunConfig())
+    assert cfg.method == "fedit" and cfg.clients >= 8 and cfg.partition.startswith("dirichlet")
+    assert cfg.labels and len(cfg.labels) == 8 and cfg.weighting == "num_examples"
+    assert resolve_config(RunConfig(method="fedex_lora")).weighting == "uniform"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"methd": "fedit"}, "unknown config key 'methd' \\(did you mean 'method'\\?\\); allowed keys: method"),
+        ({"method": "fedavg2"}, "unknown method 'fedavg2'|method='fedavg2' is not allowed; allowed values: fedex_lora"),
+        ({"optimizer": "adam"}, "optimizer='adam' is not allowed; allowed values: adamw, sgd"),
+        ({"rounds": 0}, "rounds=0 must be >= 1"),
+        ({"rounds": "many"}, "rounds='many' is not a valid int"),
+        ({"lora_dropout": 1.5}, "lora_dropout=1.5 must be <= 1.0"),
+        ({"partition": "dirichlet"}, "partition:"),
+        ({"partition": "shards:3"}, "partition:"),
+        ({"clients": 4, "clients_per_round": 6}, "clients_per_round=6 exceeds clients=4"),
+        ({"clients_per_round": 2, "client_fraction": 0.5}, "either clients_per_round or client_fraction"),
+        ({"method": "fedit", "method_options": {"local_head": False}}, "'local_head' is not an option of fedit"),
+        ({"use_rslora": "maybe"}, "use_rslora='maybe' is not a valid bool"),
+        ({"labels": [1, 2]}, "labels must be a list of strings"),
+    ],
+)
+def test_bad_values_fail_fast_naming_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(values)
+
+
+def test_strings_are_parsed_like_flags() -> None:
+    cfg = RunConfig.from_dict(
+        {"rounds": "3", "lr": "1e-4", "use-rslora": "true", "labels": "a,b", "clients-per-round": "none"}
+    )
+    assert (cfg.rounds, cfg.lr, cfg.use_rslora, cfg.labels, cfg.clients_per_round) == (3, 1e-4, True, ["a", "b"], None)
+    assert RunConfig.from_dict({"method": "fedsa_lora", "method_options": {"local_head": False}}).method_options == {
+        "local_head": False
+    }
+
+
+def test_config_file_and_flag_override(tmp_path) -> None:
+    from fedlora.cli import config_from_args
+
+    toml = tmp_path / "exp.toml"
+    toml.write_text('method = "flexlora"\nrounds = 7\nlora-r = 4\n[method_options]\n')
+    import argparse
+
+    ns = argparse.Namespace(config=str(toml), method_option=[], **{n: None for n, _, _ in RunConfig.help_table()})
+    ns.rounds = "2"
+    cfg = config_from_args(ns)
+    assert (cfg.method, cfg.rounds, cfg.lora_r) == ("flexlora", 2, 4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rouds = 3\n")
+    with pytest.raises(ConfigError, match="rouds"):
+        RunConfig.from_file(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_file(tmp_path / "missing.toml")
+
+
+def test_cli_methods_lists_every_method(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for m in ["fedit", "ffa_lora", "fedex_lora", "flora", "flexlora", "fedsa_lora", "rolora"]:
+        assert f"\n{m} " in out
+    assert "arXiv:2410.09432" in out and "UP" in out and "DOWN" in out
+
+
+def test_cli_rejects_bad_input_before_any_work(capsys, tmp_path) -> None:
+    assert main(["run", "--partition", "dirichlet:-1", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "partition" in err and "alpha" in err.lower()
+    assert not any(tmp_path.iterdir())  # nothing was written
+    assert main(["run", "--optimizer", "rmsprop"]) == 2
+    assert "allowed values: adamw, sgd" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
+    assert "not a fedlora run directory" in capsys.readouterr().err
+    assert main(["run", "--dataset", str(tmp_path / "missing.csv"), "--out-dir", str(tmp_path)]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+
+def test_cli_runs_and_resumes(tiny_bert: str, tmp_path, capsys) -> None:
+    args = [
+        "run",
+        "--model",
+        tiny_bert,
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--max-examples-per-label",
+        "10",
+        "--partition",
+        "iid",
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+        "--progress",
+        "false",
+    ]
+    assert main(args) == 0
+    assert "global_accuracy=" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["rounds"] == 1 and cfg["model"] == tiny_bert
+    assert main(["run", "--resume", str(tmp_path / "r"), "--rounds", "2", "--progress", "false"]) == 0
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1]
+    assert main(["run", "--resume", str(tmp_path / "r"), "--lr", "0.1"]) == 2
+    assert "cannot change ['lr']" in capsys.readouterr().err
+    assert main(args) == 2  # the run directory exists already
+    assert "already holds a run" in capsys.readouterr().err
