@@ -123,3 +123,20 @@ def test_cli_runs_and_resumes(tiny_bert: str, tmp_path, capsys) -> None:
     assert "cannot change ['lr']" in capsys.readouterr().err
     assert main(args) == 2  # the run directory exists already
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_readme_documents_every_option_and_opens_with_two_commands() -> None:
+    from pathlib import Path
+
+    import options_table  # scripts/options_table.py
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_table.table() in readme, "README options table is stale: run scripts/options_table.py --write"
+    blocks = readme.split("```bash\n")[1:3]
+    commands = [b.split("\n```", 1)[0].strip() for b in blocks]
+    assert commands == [
+        "bash scripts/install.sh && .venv/bin/fedlora run",
+        "bash scripts/install.sh --dev && .venv/bin/python -m pytest",
+    ]
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert commands[1] in ci

@@ -66,9 +66,9 @@ def _methods() -> int:
     rows = [get_method_class(m).describe() for m in method_ids()]
     cols = ["id", "family", "paper", "weighting", "up", "down"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
     return 0
 
 
