@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import json
 import pathlib
 
 import datasets
 import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
@@ -143,7 +140,7 @@ def load_table(
                     f"extensions {', '.join(sorted(_FORMATS))} (optionally followed by "
                     f"{', '.join(_COMPRESSIONS)})."
                 )
-            dataset = _dataset_from_arrow(_read_local_table(path, fmt))
+            dataset = _read_local_dataset(path, fmt)
             where = f"file {source!r}"
         else:
             dataset = _load_hub_dataset(source, split=split, config_name=config_name)
@@ -186,50 +183,14 @@ def _local_format(source: str) -> str | None:
     return None
 
 
-def _read_local_table(path: pathlib.Path, fmt: str) -> pa.Table:
-    """Read a local file into an Arrow table (compression is inferred from the extension by pyarrow)."""
+def _read_local_dataset(path: pathlib.Path, fmt: str) -> datasets.Dataset:
+    """Read a local file with ``datasets``' packaged builders (compression is detected from the extension)."""
+    builder = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}[fmt]
+    options = {"delimiter": "\t"} if fmt == "tsv" else {}
     try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        if fmt in ("csv", "tsv"):
-            parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-            return pa_csv.read_csv(path, parse_options=parse)
-        if fmt == "jsonl":
-            return pa_json.read_json(path)
-        return _read_json_file(path)
-    except DataError:
-        raise
-    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as exc:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
         raise DataError(f"Could not read {fmt} file {str(path)!r}: {exc}") from exc
-
-
-def _read_json_file(path: pathlib.Path) -> pa.Table:
-    """Read a ``.json`` file: a JSON array of records, an object with one list of records, or JSON lines."""
-    with pa.input_stream(str(path), compression="detect") as stream:
-        raw = stream.read().decode("utf-8")
-    stripped = raw.lstrip()
-    try:
-        document = json.loads(raw) if stripped.startswith("[") else None
-    except json.JSONDecodeError:
-        document = None
-    if document is None and stripped.startswith("{"):
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            obj = None  # probably JSON lines
-        if isinstance(obj, dict):
-            record_lists = [value for value in obj.values() if isinstance(value, list)]
-            if len(record_lists) != 1:
-                raise DataError(
-                    f"JSON file {str(path)!r} holds a single object; expected a list of records, JSON lines, "
-                    "or an object with exactly one list of records."
-                )
-            document = record_lists[0]
-    if document is None:
-        return pa_json.read_json(pa.BufferReader(raw.encode("utf-8")))
-    if not all(isinstance(record, dict) for record in document):
-        raise DataError(f"JSON file {str(path)!r} must contain a list of objects (records).")
-    return pa.Table.from_pylist(document)
 
 
 def _load_hub_dataset(source: str, *, split: str, config_name: str | None) -> datasets.Dataset:
