@@ -71,13 +71,26 @@ def base_weights(model: torch.nn.Module, layout: LoraLayout) -> dict[str, torch.
     return {spec.name: modules[spec.name].get_base_layer().weight for spec in layout.modules}
 
 
-def add_to_base(model: torch.nn.Module, layout: LoraLayout, delta: Mapping[str, torch.Tensor]) -> None:
-    """``W0 += Δ`` for each module named in ``delta`` (Δ in nn.Linear layout; transposed for Conv1D)."""
+BaseDelta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A change of one frozen weight: dense ``(out, in)``, or factored ``(B, A)`` meaning ``B @ A``."""
+
+
+def add_to_base(model: torch.nn.Module, layout: LoraLayout, delta: Mapping[str, BaseDelta]) -> None:
+    """``W0 += Δ`` for each module named in ``delta``.
+
+    Δ is in nn.Linear layout ``(out, in)``, dense or factored ``(B, A)``; it is transposed only for a Conv1D weight
+    (stored ``(in, out)``), the single place where layout matters.
+    """
     weights = base_weights(model, layout)
     with torch.no_grad():
-        for name, dense in delta.items():
+        for name, value in delta.items():
             spec = layout.module(name)
+            dense = value[0].float() @ value[1].float() if isinstance(value, tuple) else value
             w = weights[name]
+            if tuple(w.shape) != (
+                (spec.in_features, spec.out_features) if spec.fan_in_fan_out else (spec.out_features, spec.in_features)
+            ):
+                raise ValueError(f"{name}: base weight shape {tuple(w.shape)} does not match the layout")
             w.add_(to_base_layout(spec, dense).to(w.dtype))
 
 
