@@ -16,3 +16,17 @@ def random_state(layout: LoraLayout, gen: torch.Generator) -> dict[str, torch.Te
         state[spec.b_key] = torch.randn(spec.out_features, spec.rank, generator=gen)
     state[HEAD] = torch.randn(3, 5, generator=gen)
     return state
+
+
+LORA_KW = dict(
+    task_type="SEQ_CLS",
+    r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    target_modules=None,
+    modules_to_save=None,
+    use_rslora=False,
+    init_lora_weights="default",
+    seed=0,
+)
+"""Arguments of ``fedlora.models.loading.wrap_lora`` for the tiny test models."""

@@ -54,17 +54,7 @@ def test_lora_defaults_per_architecture(tiny_bert: str, tiny_gpt2: str) -> None:
     from fedlora.adapters import LoraLayout
     from fedlora.models.loading import load_sequence_classifier, wrap_lora
 
-    kw = dict(
-        task_type="SEQ_CLS",
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules=None,
-        modules_to_save=None,
-        use_rslora=False,
-        init_lora_weights="default",
-        seed=0,
-    )
+    kw = LORA_KW
     bert = LoraLayout.from_peft_model(wrap_lora(load_sequence_classifier(tiny_bert, 3, seed=0), **kw))
     assert {m.name.rsplit(".", 1)[-1] for m in bert.modules} == {"query", "value"}
     assert not any(m.fan_in_fan_out for m in bert.modules)

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LORA_KW
 
 from fedlora.adapters import LoraLayout
 from fedlora.adapters.peft_io import AdapterSlots, add_to_base, base_weights
 from fedlora.models.loading import load_sequence_classifier, wrap_lora
 
-KW = dict(
-    task_type="SEQ_CLS",
-    r=4,
-    lora_alpha=8,
-    lora_dropout=0.0,
-    target_modules=None,
-    modules_to_save=None,
-    use_rslora=False,
-    init_lora_weights="default",
-    seed=0,
-)
+KW = LORA_KW
 
 
 @pytest.fixture

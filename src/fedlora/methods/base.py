@@ -25,8 +25,16 @@ from typing import ClassVar
 
 import torch
 
-from fedlora.adapters.algebra import fresh_lora_factors
-from fedlora.adapters.state import AdapterState, LoraLayout, clone_state, subset, weighted_mean
+from fedlora.adapters.algebra import LowRankTerm, fresh_lora_factors
+from fedlora.adapters.state import (
+    AdapterState,
+    LoraLayout,
+    LoraModuleSpec,
+    clone_state,
+    factors,
+    subset,
+    weighted_mean,
+)
 
 WEIGHTINGS = ("num_examples", "samples_seen", "uniform")
 """``num_examples``: local training-set size; ``samples_seen``: examples processed this round (FederatedScope);
@@ -141,6 +149,17 @@ class FedMethod(ABC):
     ) -> AdapterState:
         """``Σ p_k θ_k[key]`` for every key (float32 accumulation)."""
         return {k: weighted_mean((u.state[k] for u in updates), weights) for k in keys}
+
+    @staticmethod
+    def product_terms(
+        spec: LoraModuleSpec, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> list[LowRankTerm]:
+        """The terms ``p_k·s_k·B_k@A_k`` of one module, each client with its own scale ``s_k = s(r_k)``."""
+        terms = []
+        for p, u in zip(weights, updates, strict=True):
+            a, b = factors(u.state, spec)
+            terms.append(LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0])))
+        return terms
 
     # ----------------------------------------------------------------- client side
     def start_state(

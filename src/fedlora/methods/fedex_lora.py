@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.adapters.algebra import LowRankTerm, dense_sum
+from fedlora.adapters.algebra import dense_sum
 from fedlora.adapters.state import factors
 from fedlora.methods.base import AggregateResult, ClientUpdate, FedMethod, ServerState, register_method
 
@@ -35,12 +35,7 @@ class FedExLoRA(FedMethod):
         residual = {}
         wire = 0
         for spec in self.layout.modules:
-            ideal = dense_sum(
-                [
-                    LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0]))
-                    for p, (a, b) in ((p, factors(u.state, spec)) for p, u in zip(w, updates, strict=True))
-                ]
-            )
+            ideal = dense_sum(self.product_terms(spec, updates, w))
             a_bar, b_bar = factors(adapter, spec)
             residual[spec.name] = ideal - spec.scaling(a_bar.shape[0]) * (b_bar.float() @ a_bar.float())
             wire += residual[spec.name].numel() * 4

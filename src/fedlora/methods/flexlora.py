@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.adapters.algebra import LowRankTerm, factored_svd
-from fedlora.adapters.state import factors
+from fedlora.adapters.algebra import factored_svd
 from fedlora.methods.base import AggregateResult, ClientUpdate, FedMethod, ServerState, register_method
 
 
@@ -33,11 +32,7 @@ class FlexLoRA(FedMethod):
         adapter = dict(server.adapter)
         adapter.update(self.average_keys(self.layout.other_keys, updates, w))
         for spec in self.layout.modules:
-            terms = []
-            for p, u in zip(w, updates, strict=True):
-                a, b = factors(u.state, spec)
-                terms.append(LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0])))
-            svd = factored_svd(terms)
+            svd = factored_svd(self.product_terms(spec, updates, w))
             a_new, b_new = svd.to_lora(spec.rank, spec.scaling(spec.rank))
             adapter[spec.a_key] = a_new.to(server.adapter[spec.a_key].dtype)
             adapter[spec.b_key] = b_new.to(server.adapter[spec.b_key].dtype)

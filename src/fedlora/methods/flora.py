@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.adapters.algebra import LowRankTerm, stack_terms
-from fedlora.adapters.state import factors, subset
+from fedlora.adapters.algebra import stack_terms
+from fedlora.adapters.state import subset
 from fedlora.methods.base import (
     AggregateResult,
     ClientPlan,
@@ -56,11 +56,7 @@ class FLoRA(FedMethod):
         merged = {}
         wire = 0
         for spec in self.layout.modules:
-            terms = []
-            for p, u in zip(w, updates, strict=True):
-                a, b = factors(u.state, spec)
-                terms.append(LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0])))
-            b_stack, a_stack = stack_terms(terms)
+            b_stack, a_stack = stack_terms(self.product_terms(spec, updates, w))
             merged[spec.name] = b_stack @ a_stack
             wire += (b_stack.numel() + a_stack.numel()) * 4
             adapter[spec.b_key] = server.adapter[spec.b_key].new_zeros(server.adapter[spec.b_key].shape)
