@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+from helpers import LORA_KW
 
 from fedlora.models import ModelError, default_model_dir, resolve_model
 from fedlora.models.loading import DEFAULT_MODEL_SHA256
