@@ -7,7 +7,7 @@ import torch
 
 from fedlora import RunConfig, run
 
-REAL_BOUND = 0.45  # global (or personalised) accuracy after 3 rounds; chance is 1/8
+REAL_BOUND = 0.6  # global (or personalised) accuracy after 3 rounds; chance is 1/8
 
 
 @pytest.mark.slow
