@@ -51,6 +51,9 @@ def test_method_learns_default_task(method: str, tiny_bert: str, tmp_path) -> No
     assert (result.run_dir / "checkpoints" / "round-0005" / "server.safetensors").is_file()
     if method == "fedsa_lora":
         assert sorted(p.name for p in (result.run_dir / "personal").iterdir()) == [f"client-{k}" for k in range(4)]
+        b_key = next(k for k in result.personal[0] if k.endswith("lora_B.weight"))
+        bs = [result.personal[c][b_key] for c in range(4)]
+        assert all(not torch.equal(bs[i], bs[j]) for i in range(4) for j in range(i + 1, 4))  # one B per client
     else:
         assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -193,7 +193,6 @@ def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
 
 
 def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(cfg.threads)
     progress = _Progress(cfg)
     setup = build(cfg, on_client_done=progress.client_done)

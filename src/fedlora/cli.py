@@ -81,11 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "methods":
         return _methods()
 
+    import logging
+
     from fedlora.api import resume, run
     from fedlora.data import DataError
     from fedlora.models import ModelError
     from fedlora.runs import RunDirError
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.resume:
             given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
