@@ -170,10 +170,16 @@ RESUME_OVERRIDABLE = ("rounds", "progress", "threads")
 def run(cfg: RunConfig | None = None) -> RunResult:
     """Run a federated fine-tuning job in a new run directory; returns a :class:`RunResult`."""
     cfg = resolve_config(cfg or RunConfig())
-    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-    run_dir = RunDir(Path(cfg.out_dir) / name)
-    if run_dir.config_path.exists():
-        raise RunDirError(f"{run_dir.path} already holds a run; pick another run_name or use --resume")
+    if cfg.run_name:
+        run_dir = RunDir(Path(cfg.out_dir) / cfg.run_name)
+        if run_dir.config_path.exists():
+            raise RunDirError(f"{run_dir.path} already holds a run; pick another run_name or use --resume")
+    else:
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+        run_dir, n = RunDir(Path(cfg.out_dir) / stem), 1
+        while run_dir.path.exists():
+            n += 1
+            run_dir = RunDir(Path(cfg.out_dir) / f"{stem}-{n}")
     return _execute(cfg, run_dir, resuming=False)
 
 

@@ -164,7 +164,10 @@ class RunDir:
                 ax_loss.plot(rounds, [r.get(key) for r in records], marker="o", label=label)
         ax_acc.set(xlabel="round", ylabel="accuracy", title="Accuracy")
         ax_loss.set(xlabel="round", ylabel="loss", title="Loss")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in (ax_acc, ax_loss):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(self.path.name)
