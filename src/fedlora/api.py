@@ -133,7 +133,7 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
     method = build_method(cfg.method, layout, weighting=cfg.weighting, seed=cfg.seed, **cfg.method_options)
 
     def enc(ds: Any) -> Any:
-        return task.encode(tokenizer, list(ds["text"]), list(ds["label"]), cfg.max_length)
+        return task.encode(tokenizer, ds, cfg.max_length)
 
     clients = [ClientSplits(train=enc(c.train), test=enc(c.test)) for c in data.clients]
     engine = LocalEngine(

@@ -16,10 +16,11 @@ import torch
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokenised examples of one split: token ids per example and one target per example."""
+    """Tokenised examples of one split: token ids per example and the task's targets (one entry per example:
+    a class id for classification; a task may store per-token labels instead)."""
 
     input_ids: list[list[int]]
-    targets: torch.Tensor
+    targets: Any
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,12 +33,13 @@ class Task(ABC):
     peft_task_type: str
 
     @abstractmethod
-    def load_model(self, source: str, *, num_labels: int, seed: int) -> torch.nn.Module:
-        """The base model for this task (before LoRA wrapping)."""
+    def load_model(self, source: str, *, num_labels: int | None, seed: int) -> torch.nn.Module:
+        """The base model for this task (before LoRA wrapping); ``num_labels`` for tasks with a head."""
 
     @abstractmethod
-    def encode(self, tokenizer: Any, texts: list[str], targets: list[int], max_length: int) -> Encoded:
-        """Tokenise once; batches are cut from the result every round."""
+    def encode(self, tokenizer: Any, data: Any, max_length: int) -> Encoded:
+        """Tokenise a split (a ``datasets.Dataset`` with the task's columns) once; batches are cut from the result
+        every round."""
 
     @abstractmethod
     def collate(self, encoded: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:

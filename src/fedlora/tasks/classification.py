@@ -14,12 +14,16 @@ class SequenceClassification(Task):
     name = "classification"
     peft_task_type = "SEQ_CLS"
 
-    def load_model(self, source: str, *, num_labels: int, seed: int) -> torch.nn.Module:
+    def load_model(self, source: str, *, num_labels: int | None, seed: int) -> torch.nn.Module:
+        if not num_labels:
+            raise ValueError("sequence classification needs the number of labels")
         return load_sequence_classifier(source, num_labels, seed=seed)
 
-    def encode(self, tokenizer: Any, texts: list[str], targets: list[int], max_length: int) -> Encoded:
-        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
-        return Encoded(input_ids=ids, targets=torch.tensor(targets, dtype=torch.long))
+    def encode(self, tokenizer: Any, data: Any, max_length: int) -> Encoded:
+        """Columns ``text`` (str) and ``label`` (int class id)."""
+        texts, labels = list(data["text"]), list(data["label"])
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+        return Encoded(input_ids=ids, targets=torch.tensor(labels, dtype=torch.long))
 
     def collate(self, encoded: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         rows = [encoded.input_ids[i] for i in index]
