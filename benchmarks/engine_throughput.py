@@ -72,8 +72,10 @@ def main() -> None:
     server = method.init_server(engine.initial)
     clients = list(range(cfg.clients))
     n_samples = sum(len(engine.clients[c].train) * cfg.local_epochs for c in clients)
-    print(f"model={cfg.model} method={cfg.method} clients={len(clients)} samples/repeat={n_samples} "
-          f"batch={cfg.batch_size} threads={cfg.threads}")
+    print(
+        f"model={cfg.model} method={cfg.method} clients={len(clients)} samples/repeat={n_samples} "
+        f"batch={cfg.batch_size} threads={cfg.threads}"
+    )
 
     def run_engine(rnd: int) -> float:
         t = time.perf_counter()
@@ -104,8 +106,10 @@ def main() -> None:
             plain.append(run_plain(rep))
         print(f"  repeat {rep + 1}: engine {eng[-1]:.1f} samples/s, plain peft loop {plain[-1]:.1f} samples/s")
     ratio = statistics.median(e / p for e, p in zip(eng, plain, strict=True))
-    print(f"engine samples/s {statistics.median(eng):.1f} / plain peft loop {statistics.median(plain):.1f}: "
-          f"ratio {ratio:.3f} (target >= 0.95) {'OK' if ratio >= 0.95 else 'BELOW'}")
+    print(
+        f"engine samples/s {statistics.median(eng):.1f} / plain peft loop {statistics.median(plain):.1f}: "
+        f"ratio {ratio:.3f} (target >= 0.95) {'OK' if ratio >= 0.95 else 'BELOW'}"
+    )
 
 
 if __name__ == "__main__":

@@ -66,12 +66,16 @@ def main() -> None:
     full = (fac.dense() - dense).norm() / dense.norm()
     print(f"dense:    form {t_form:.3f} s + svd {t_svd:.3f} s = {t_dense:.3f} s")
     print(f"factored: {t_fac * 1000:.2f} ms (median of {args.repeat})")
-    print(f"same result: max |Δσ|/σ1 = {sv_err:.2e}, rank-{args.rank} truncation rel. diff = {trunc:.2e}, "
-          f"reconstruction rel. error = {full:.2e}")
+    print(
+        f"same result: max |Δσ|/σ1 = {sv_err:.2e}, rank-{args.rank} truncation rel. diff = {trunc:.2e}, "
+        f"reconstruction rel. error = {full:.2e}"
+    )
     ok = sv_err < 1e-4 and trunc < 1e-3 and full < 1e-4
     speedup = t_dense / t_fac
-    print(f"speed-up factored vs dense SVD: {speedup:.0f}x (target >= 100x) {'OK' if speedup >= 100 else 'BELOW'}; "
-          f"results {'agree' if ok else 'DIFFER'}")
+    print(
+        f"speed-up factored vs dense SVD: {speedup:.0f}x (target >= 100x) {'OK' if speedup >= 100 else 'BELOW'}; "
+        f"results {'agree' if ok else 'DIFFER'}"
+    )
     raise SystemExit(0 if ok else 1)
 
 

@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_WORDNET_DIR,
         help=f"directory with WordNet 3.0 data.{{noun,verb,adj,adv}} (default {DEFAULT_WORDNET_DIR})",
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output Parquet file (default {DEFAULT_OUT})"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output Parquet file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     try:
         table = build_table(args.wordnet_dir)

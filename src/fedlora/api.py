@@ -192,8 +192,9 @@ def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
     rd = RunDir(run_dir)
     bad = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
     if bad:
-        raise ConfigError(f"--resume keeps the run's configuration; cannot change {bad} "
-                          f"(allowed: {', '.join(RESUME_OVERRIDABLE)})")
+        raise ConfigError(
+            f"--resume keeps the run's configuration; cannot change {bad} (allowed: {', '.join(RESUME_OVERRIDABLE)})"
+        )
     cfg = resolve_config(RunConfig.from_dict(rd.read_config()).replace(**overrides))
     return _execute(cfg, rd, resuming=True)
 

@@ -53,8 +53,9 @@ def _method_options(items: Sequence[str]) -> dict[str, object]:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None)
-             is not None}
+    flags = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None) is not None
+    }
     if args.method_option:
         flags["method_options"] = {**cfg.method_options, **_method_options(args.method_option)}
     return RunConfig.from_dict(flags, base=cfg) if flags else cfg
@@ -91,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.resume:
-            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                     if getattr(args, f.name, None) is not None}
+            given = {
+                f.name: getattr(args, f.name)
+                for f in dataclasses.fields(RunConfig)
+                if getattr(args, f.name, None) is not None
+            }
             if args.config or args.method_option:
                 raise ConfigError("--resume uses the run's saved configuration; drop --config/--method-option")
             overrides = RunConfig.from_dict(given).to_dict() if given else {}

@@ -22,8 +22,16 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and the allowed values."""
 
 
-def _opt(default: Any, help: str, kind: type | str, *, choices: Any = None, nullable: bool = False,
-         minimum: float | None = None, maximum: float | None = None) -> Any:
+def _opt(
+    default: Any,
+    help: str,
+    kind: type | str,
+    *,
+    choices: Any = None,
+    nullable: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
     meta = {"help": help, "kind": kind, "choices": choices, "nullable": nullable, "min": minimum, "max": maximum}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -43,60 +51,88 @@ class RunConfig:
     # what runs
     method: str = _opt("fedit", "federated method id (see `fedlora methods`)", str, choices=_method_choices)
     method_options: dict = _opt({}, "method-specific options, e.g. {local_head = false} for fedsa_lora", dict)
-    weighting: str = _opt("auto", "client weights: auto (the method's paper), num_examples, samples_seen, uniform",
-                          str, choices=("auto", "num_examples", "samples_seen", "uniform"))
+    weighting: str = _opt(
+        "auto",
+        "client weights: auto (the method's paper), num_examples, samples_seen, uniform",
+        str,
+        choices=("auto", "num_examples", "samples_seen", "uniform"),
+    )
     rounds: int = _opt(5, "number of federated rounds", int, minimum=1)
     clients: int = _opt(8, "number of clients the data is partitioned into", int, minimum=1)
-    clients_per_round: int = _opt(None, "clients sampled per round (default: all)", int, nullable=True, minimum=1)
-    client_fraction: float = _opt(None, "fraction of clients sampled per round (alternative to clients_per_round)",
-                                  float, nullable=True, minimum=0.0, maximum=1.0)
+    clients_per_round: int | None = _opt(
+        None, "clients sampled per round (default: all)", int, nullable=True, minimum=1
+    )
+    client_fraction: float | None = _opt(
+        None,
+        "fraction of clients sampled per round (alternative to clients_per_round)",
+        float,
+        nullable=True,
+        minimum=0.0,
+        maximum=1.0,
+    )
     seed: int = _opt(0, "seed of every random choice: splits, sampling, init, shuffling, dropout", int)
     # model and adapter
-    model: str = _opt("default", "'default' (embedded all-MiniLM-L6-v2), a local directory or a Hugging Face hub id",
-                      str)
+    model: str = _opt(
+        "default", "'default' (embedded all-MiniLM-L6-v2), a local directory or a Hugging Face hub id", str
+    )
     task: str = _opt("classification", "task type", str, choices=("classification",))
     lora_r: int = _opt(8, "LoRA rank", int, minimum=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora)", float, minimum=0)
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input", float, minimum=0.0, maximum=1.0)
-    target_modules: list = _opt(None, "modules to adapt (default: per architecture, e.g. query,value for BERT)",
-                                list, nullable=True)
-    modules_to_save: list = _opt(None, "extra fully-trained modules (default: the task head)", list, nullable=True)
+    target_modules: list | None = _opt(
+        None, "modules to adapt (default: per architecture, e.g. query,value for BERT)", list, nullable=True
+    )
+    modules_to_save: list | None = _opt(
+        None, "extra fully-trained modules (default: the task head)", list, nullable=True
+    )
     use_rslora: bool = _opt(False, "rank-stabilised scale alpha/sqrt(r)", bool)
-    init_lora_weights: str = _opt("default", "LoRA A init: default (kaiming-uniform) or gaussian", str,
-                                  choices=("default", "gaussian"))
+    init_lora_weights: str = _opt(
+        "default", "LoRA A init: default (kaiming-uniform) or gaussian", str, choices=("default", "gaussian")
+    )
     # data
-    dataset: str = _opt("default", "'default' (embedded WordNet supersenses), a local CSV/JSON/JSONL/Parquet file "
-                        "or a Hugging Face hub id", str)
-    dataset_config: str = _opt(None, "hub dataset configuration name", str, nullable=True)
+    dataset: str = _opt(
+        "default",
+        "'default' (embedded WordNet supersenses), a local CSV/JSON/JSONL/Parquet file or a Hugging Face hub id",
+        str,
+    )
+    dataset_config: str | None = _opt(None, "hub dataset configuration name", str, nullable=True)
     dataset_split: str = _opt("train", "split to load from a hub dataset", str)
     text_column: str = _opt("text", "column holding the input text", str)
     label_column: str = _opt("label", "column holding the label", str)
-    labels: list = _opt(None, "keep only these label values (default dataset: 8 noun supersenses)", list,
-                        nullable=True)
-    max_examples_per_label: int = _opt(None, "cap per label, seeded (default dataset: 300)", int, nullable=True,
-                                       minimum=1)
+    labels: list | None = _opt(
+        None, "keep only these label values (default dataset: 8 noun supersenses)", list, nullable=True
+    )
+    max_examples_per_label: int | None = _opt(
+        None, "cap per label, seeded (default dataset: 300)", int, nullable=True, minimum=1
+    )
     partition: str = _opt("dirichlet:0.5", "iid | dirichlet:<alpha> | pathological:<k> | natural:<column>", str)
     global_test_fraction: float = _opt(0.1, "held-out global test fraction", float, minimum=0.0, maximum=0.9)
-    client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", float,
-                                       minimum=0.0, maximum=0.9)
+    client_test_fraction: float = _opt(
+        0.2, "fraction of each client's data kept as its own test split", float, minimum=0.0, maximum=0.9
+    )
     max_length: int = _opt(64, "maximum tokens per example", int, minimum=4)
     # local training
     local_epochs: int = _opt(1, "local epochs per round (ignored when local_steps is set)", int, minimum=1)
-    local_steps: int = _opt(None, "local optimiser steps per round (overrides local_epochs)", int, nullable=True,
-                            minimum=1)
+    local_steps: int | None = _opt(
+        None, "local optimiser steps per round (overrides local_epochs)", int, nullable=True, minimum=1
+    )
     batch_size: int = _opt(16, "local training batch size", int, minimum=1)
     eval_batch_size: int = _opt(128, "evaluation batch size", int, minimum=1)
-    optimizer: str = _opt("adamw", "local optimiser (state is reset every round, as in the papers' code)", str,
-                          choices=("adamw", "sgd"))
+    optimizer: str = _opt(
+        "adamw", "local optimiser (state is reset every round, as in the papers' code)", str, choices=("adamw", "sgd")
+    )
     lr: float = _opt(3e-3, "local learning rate", float, minimum=0.0)
     weight_decay: float = _opt(0.0, "weight decay", float, minimum=0.0)
     momentum: float = _opt(0.0, "SGD momentum", float, minimum=0.0, maximum=1.0)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0)
+    max_grad_norm: float | None = _opt(
+        1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0
+    )
     # runtime and output
-    threads: int = _opt(None, "torch CPU threads (default: 1 under CI, else torch's default)", int, nullable=True,
-                        minimum=1)
+    threads: int | None = _opt(
+        None, "torch CPU threads (default: 1 under CI, else torch's default)", int, nullable=True, minimum=1
+    )
     out_dir: str = _opt("runs", "directory that receives run directories", str)
-    run_name: str = _opt(None, "run directory name (default: <time>-<method>)", str, nullable=True)
+    run_name: str | None = _opt(None, "run directory name (default: <time>-<method>)", str, nullable=True)
     progress: bool = _opt(True, "show a progress bar", bool)
 
     def __post_init__(self) -> None:

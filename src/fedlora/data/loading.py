@@ -129,9 +129,7 @@ def load_table(
         looks_local = source.startswith(_PATH_PREFIXES) or source.lower().endswith(_OTHER_FILE_EXTENSIONS)
         if fmt is not None or looks_local or path.is_file():
             if not path.exists():
-                raise DataError(
-                    f"Local dataset file {source!r} does not exist (resolved to {path.resolve()})."
-                )
+                raise DataError(f"Local dataset file {source!r} does not exist (resolved to {path.resolve()}).")
             if not path.is_file():
                 raise DataError(f"Local dataset path {source!r} is not a file.")
             if fmt is None:

@@ -100,9 +100,7 @@ def parse_partition(spec: str) -> tuple[str, str | float | int | None]:
     """
 
     def bad(reason: str) -> DataError:
-        return DataError(
-            f"Invalid partition {spec!r}: {reason}. Allowed forms: {', '.join(PARTITION_FORMS)}."
-        )
+        return DataError(f"Invalid partition {spec!r}: {reason}. Allowed forms: {', '.join(PARTITION_FORMS)}.")
 
     if not isinstance(spec, str):
         raise bad("not a string")
@@ -222,9 +220,7 @@ def prepare_federated_data(
 
     columns = {"text": texts.take(pa.array(keep)), "label": pa.array(codes, type=pa.int64())}
     data = pa.table(columns)
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)}
-    )
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
 
     # Global held-out test set, stratified by label.
     rng = np.random.default_rng([seed, _STREAM_GLOBAL_TEST])
@@ -292,12 +288,8 @@ def _check_arguments(
 
     if not is_int(num_clients) or num_clients < 1:
         raise DataError(f"num_clients must be an integer >= 1, got {num_clients!r}.")
-    if max_examples_per_label is not None and (
-        not is_int(max_examples_per_label) or max_examples_per_label < 1
-    ):
-        raise DataError(
-            f"max_examples_per_label must be None or an integer >= 1, got {max_examples_per_label!r}."
-        )
+    if max_examples_per_label is not None and (not is_int(max_examples_per_label) or max_examples_per_label < 1):
+        raise DataError(f"max_examples_per_label must be None or an integer >= 1, got {max_examples_per_label!r}.")
     for name, value in (
         ("global_test_fraction", global_test_fraction),
         ("client_test_fraction", client_test_fraction),
@@ -332,8 +324,7 @@ def _drop_missing(table: pa.Table, columns: list[str], source: str) -> pa.Table:
     dropped = table.num_rows - kept.num_rows
     if dropped:
         warnings.warn(
-            f"Dropped {dropped} of {table.num_rows} rows of {source!r} with a missing "
-            f"{' or '.join(columns)}.",
+            f"Dropped {dropped} of {table.num_rows} rows of {source!r} with a missing {' or '.join(columns)}.",
             stacklevel=3,
         )
     if kept.num_rows == 0:
@@ -353,9 +344,7 @@ def _as_string_column(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
         ) from exc
 
 
-def _encode_labels(
-    column: pa.ChunkedArray, name: str, class_names: list[str] | None
-) -> tuple[np.ndarray, list[str]]:
+def _encode_labels(column: pa.ChunkedArray, name: str, class_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
     """Encode labels as ``0..L-1`` in sorted order of their values; return codes and display names.
 
     Integer labels are sorted numerically (so labels ``0..L-1`` keep their values) and shown as ``str(value)``
@@ -475,9 +464,7 @@ def _natural_id_column(column: pa.ChunkedArray, name: str) -> pa.Array:
         ) from exc
 
 
-def _run_partitioner(
-    partitioner: _FlwrPartitioner, table: pa.Table, describe: str, hint: str
-) -> list[np.ndarray]:
+def _run_partitioner(partitioner: _FlwrPartitioner, table: pa.Table, describe: str, hint: str) -> list[np.ndarray]:
     """Assign ``table`` (which has a row-number column) to ``partitioner`` and read back every partition."""
     partitioner.dataset = datasets.Dataset(InMemoryTable(table))
     try:
@@ -560,9 +547,7 @@ def _label_partition(
     return _run_partitioner(partitioner, table, describe, hint)
 
 
-def _natural_partition(
-    natural_ids: pa.Array, pool: np.ndarray, num_clients: int, column: str
-) -> list[np.ndarray]:
+def _natural_partition(natural_ids: pa.Array, pool: np.ndarray, num_clients: int, column: str) -> list[np.ndarray]:
     """One client per distinct value of ``natural_ids`` (sorted); return each client's pool rows."""
     all_ids = sorted(pc.unique(natural_ids).to_pylist())
     if len(all_ids) != num_clients:

@@ -162,9 +162,7 @@ class FedMethod(ABC):
         return terms
 
     # ----------------------------------------------------------------- client side
-    def start_state(
-        self, plan: ClientPlan, initial: AdapterState, personal: AdapterState | None
-    ) -> AdapterState:
+    def start_state(self, plan: ClientPlan, initial: AdapterState, personal: AdapterState | None) -> AdapterState:
         """The adapter a client trains from: initial ∪ personal ∪ download, then a fresh draw if asked."""
         state = dict(initial)
         if personal:
@@ -226,4 +224,3 @@ def get_method_class(name: str) -> type[FedMethod]:
 
 def build_method(name: str, layout: LoraLayout, **kwargs: object) -> FedMethod:
     return get_method_class(name)(layout, **kwargs)  # type: ignore[arg-type]
-

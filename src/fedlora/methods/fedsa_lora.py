@@ -49,9 +49,7 @@ class FedSALoRA(FedMethod):
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         shared = self.shared_keys()
-        return ClientPlan(
-            rnd, client_id, subset(server.adapter, shared), frozenset(self.layout.all_keys), shared
-        )
+        return ClientPlan(rnd, client_id, subset(server.adapter, shared), frozenset(self.layout.all_keys), shared)
 
     def finish(self, plan: ClientPlan, trained: AdapterState) -> tuple[AdapterState, AdapterState | None]:
         return subset(trained, plan.upload_keys), subset(trained, self.personal_keys())

@@ -146,9 +146,7 @@ def _targets_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
     """True when the targeted layers are GPT-2-style ``Conv1D`` (weight stored ``(in, out)``)."""
     from transformers.pytorch_utils import Conv1D
 
-    return any(
-        isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules()
-    )
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
 
 
 def wrap_lora(

@@ -53,9 +53,7 @@ class Task(ABC):
     def evaluate(self, model: torch.nn.Module, encoded: Encoded, batch_size: int, pad_id: int) -> dict[str, float]:
         """Metrics over a split, e.g. ``{"loss": …, "accuracy": …}``."""
 
-    def batch_indices(
-        self, n: int, batch_size: int, generator: torch.Generator | None
-    ) -> Iterator[list[int]]:
+    def batch_indices(self, n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
         """Shuffled (if a generator is given) index batches covering ``range(n)`` once."""
         order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
         for start in range(0, n, batch_size):
