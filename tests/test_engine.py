@@ -167,3 +167,38 @@ def test_base_changing_method_reloads_with_base_delta(tiny_bert: str, tmp_path) 
     loaded, _ = load_trained(result.run_dir)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, setup.model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_local_csv_with_natural_partition(tiny_bert: str, tmp_path) -> None:
+    import csv
+
+    from fedlora.data import default_dataset_path, load_table
+
+    table = load_table("default")
+    rows = []
+    for label in ("noun.animal", "noun.plant", "noun.person"):
+        rows += table.filter(lambda r, lab=label: r["label"] == lab).select(range(0, 3000, 50)).to_list()
+    path = tmp_path / "glosses.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["gloss", "kind", "site"])
+        for i, r in enumerate(rows):
+            w.writerow([r["text"], r["label"], f"site-{i % 3}"])
+    assert default_dataset_path().is_file()
+    result = run(
+        tiny_config(
+            tiny_bert,
+            tmp_path,
+            dataset=str(path),
+            text_column="gloss",
+            label_column="kind",
+            partition="natural:site",
+            clients=3,
+            rounds=2,
+            max_examples_per_label=None,
+        )
+    )
+    info = json.loads((result.run_dir / "data.json").read_text())
+    assert info["labels"] == ["noun.animal", "noun.person", "noun.plant"]
+    assert len(info["clients"]) == 3 and all(c["train"] > 0 for c in info["clients"])
+    assert 0.0 <= result.final["global_accuracy"] <= 1.0
