@@ -202,3 +202,58 @@ def test_local_csv_with_natural_partition(tiny_bert: str, tmp_path) -> None:
     assert info["labels"] == ["noun.animal", "noun.person", "noun.plant"]
     assert len(info["clients"]) == 3 and all(c["train"] > 0 for c in info["clients"])
     assert 0.0 <= result.final["global_accuracy"] <= 1.0
+
+
+def test_fedsa_clients_start_from_their_own_b(tiny_bert: str, tmp_path) -> None:
+    """Each client's personal B is the one it kept itself last round (never another client's: METHODS.md §19)."""
+    cfg = resolve_config(
+        tiny_config(tiny_bert, tmp_path, method="fedsa_lora", rounds=3, max_examples_per_label=20, local_epochs=1)
+    )
+    setup = build(cfg)
+    engine, method = setup.engine, setup.method
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    starts: list[tuple[int, int, dict | None]] = []
+    original_start, original_finish = method.start_state, method.finish
+
+    training = {"on": False}
+
+    def spy_start(plan, initial, personal):
+        if training["on"]:  # evaluation also builds client models; record training starts only
+            starts.append((plan.round, plan.client_id, None if personal is None else dict(personal)))
+        return original_start(plan, initial, personal)
+
+    original_train = engine.train
+
+    def spy_train(plans):
+        training["on"] = True
+        try:
+            return original_train(plans)
+        finally:
+            training["on"] = False
+
+    def spy_finish(plan, trained):
+        upload, keep = original_finish(plan, trained)
+        kept[(plan.round, plan.client_id)] = keep
+        return upload, keep
+
+    method.start_state, method.finish = spy_start, spy_finish  # type: ignore[method-assign]
+    engine.train = spy_train  # type: ignore[method-assign]
+    server, ledger = method.init_server(engine.initial), Ledger()
+    for rnd, clients in enumerate([[0, 1, 2, 3], [1, 3], [0, 1, 2, 3]]):
+        server, _ = run_round(rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=0)
+    last: dict[int, int] = {}
+    for rnd, cid, personal in starts:
+        if rnd == 0 or personal is None:
+            assert cid not in last
+        else:
+            own = kept[(last[cid], cid)]
+            assert personal.keys() == own.keys()
+            assert all(torch.equal(personal[k], own[k]) for k in own)
+        last[cid] = rnd
+    assert last == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert len(starts) == 10
+    # a client whose reply is rejected keeps the personal state it had (the engine commits accepted ones only)
+    before = {k: v.clone() for k, v in engine.personal[2].items()}
+    engine.train([method.plan(3, 2, server)])
+    engine.accept([])
+    assert all(torch.equal(engine.personal[2][k], v) for k, v in before.items())

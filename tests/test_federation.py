@@ -21,9 +21,13 @@ class FakeRuntime:
         self.replies = replies
         self.base_deltas = []
         self.evaluated = 0
+        self.accepted = []
 
     def train(self, plans):
         return [self.replies(p) for p in plans]
+
+    def accept(self, client_ids):
+        self.accepted.append(list(client_ids))
 
     def apply_base_delta(self, delta):
         self.base_deltas.append(delta)
@@ -81,6 +85,7 @@ def test_bad_replies_are_rejected_and_round_goes_on(layout, gen, caplog) -> None
     assert "dtype torch.float64" in report.rejected[5]
     assert "rejected the reply of client 2" in caplog.text
     assert new.round == 1 and rt.evaluated == 1
+    assert rt.accepted == [[0]]  # only accepted clients may commit personal state
 
 
 def test_all_rejected_keeps_global_state(layout, gen) -> None:
@@ -131,7 +136,7 @@ def test_validate_update_rejects_wrong_client(layout, gen) -> None:
     method = build_method("fedit", layout)
     server = method.init_server(random_state(layout, gen))
     plan = method.plan(0, 3, server)
-    u = ClientUpdate(4, dict(server.adapter), num_examples=1)
+    u = ClientUpdate(4, dict(server.adapter), num_examples=1, samples_seen=1)
     assert "client 4" in validate_update(u, plan, server.adapter)
     assert validate_update(dataclasses.replace(u, client_id=3), plan, server.adapter) is None
     assert "num_examples=0" in validate_update(

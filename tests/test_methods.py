@@ -199,3 +199,29 @@ def test_flexlora_is_best_rank_r_approximation(layout, updates, gen) -> None:
         resid = torch.linalg.matrix_norm(ideal[spec.name] - got)
         torch.testing.assert_close(resid, ref.s[spec.rank :].square().sum().sqrt(), atol=1e-4, rtol=1e-4)
     assert res.base_delta is None
+
+
+@pytest.mark.parametrize("name", ["ffa_lora", "fedsa_lora"])
+def test_federatedscope_methods_weight_by_samples_seen(name: str, layout, updates) -> None:
+    """FFA-LoRA and FedSA-LoRA default to the samples processed this round, not the data size."""
+    seen = [50, 10, 40]  # neither equal nor proportional to num_examples (10, 30, 60)
+    ups = [dataclasses.replace(u, samples_seen=s) for u, s in zip(updates, seen, strict=True)]
+    m = build_method(name, layout)
+    assert m.weighting == "samples_seen"
+    assert m.weights(ups) == pytest.approx([0.5, 0.1, 0.4])
+    server = m.init_server(random_state(layout, torch.Generator().manual_seed(5)))
+    res = m.aggregate(0, server, ups)
+    key = layout.b_keys[0] if name == "ffa_lora" else layout.a_keys[0]
+    torch.testing.assert_close(res.adapter[key], _wsum(ups, key, [0.5, 0.1, 0.4]))
+
+
+def test_flora_redraws_every_round(layout, gen) -> None:
+    m = build_method("flora", layout, seed=7)
+    initial = random_state(layout, gen)
+    server = m.init_server(initial)
+    a = layout.a_keys[0]
+    r0 = m.start_state(m.plan(0, 1, server), initial, None)[a]
+    r1 = m.start_state(m.plan(1, 1, server), initial, None)[a]
+    assert not torch.equal(r0, r1)
+    other_seed = build_method("flora", layout, seed=8)
+    assert not torch.equal(other_seed.start_state(other_seed.plan(0, 1, server), initial, None)[a], r0)

@@ -61,6 +61,7 @@ class LocalEngine:
         self.on_client_done = on_client_done
         self.initial: AdapterState = self.slots.read()
         self.personal: dict[int, AdapterState] = {}
+        self._pending: dict[int, AdapterState] = {}
 
     # ------------------------------------------------------------------ Runtime
     def train(self, plans: Sequence[ClientPlan]) -> list[ClientUpdate | Exception]:
@@ -84,11 +85,18 @@ class LocalEngine:
                 replies.append(e)
                 continue
             if keep is not None:
-                self.personal[plan.client_id] = keep
+                self._pending[plan.client_id] = keep
             replies.append(update)
             if self.on_client_done is not None:
                 self.on_client_done(update)
         return replies
+
+    def accept(self, client_ids: Sequence[int]) -> None:
+        """Keep the personal state of accepted clients only; a rejected client keeps what it had."""
+        for cid in client_ids:
+            if cid in self._pending:
+                self.personal[cid] = self._pending[cid]
+        self._pending.clear()
 
     def apply_base_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
         add_to_base(self.model, self.layout, delta)

@@ -29,6 +29,10 @@ class Runtime(Protocol):
         """Run each plan's client work; return one reply (or the error it raised) per plan, in order."""
         ...
 
+    def accept(self, client_ids: Sequence[int]) -> None:
+        """The replies of these clients passed validation: commit what they keep (personal state)."""
+        ...
+
     def apply_base_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
         """Make a change of the frozen base weights (nn.Linear layout per module) take effect."""
         ...
@@ -70,6 +74,7 @@ class RoundReport:
     accepted: list[int]
     rejected: dict[int, str]
     bytes_up: int
+    """Bytes of every reply received, accepted or rejected (they travelled either way)."""
     bytes_down: int
     train_loss: float
     seconds: float
@@ -127,6 +132,8 @@ def validate_update(update: ClientUpdate | Exception, plan: ClientPlan, referenc
             return f"{key} has non-finite values"
     if update.num_examples <= 0:
         return f"num_examples={update.num_examples} must be positive"
+    if update.samples_seen <= 0:
+        return f"samples_seen={update.samples_seen} must be positive"
     return None
 
 
@@ -162,6 +169,7 @@ def run_round(
         else:
             rejected[plan.client_id] = reason
             log.warning("round %d: rejected the reply of client %d: %s", rnd, plan.client_id, reason)
+    runtime.accept([u.client_id for u in accepted])
     agg_metrics: dict[str, float] = {}
     if accepted:
         result = method.aggregate(rnd, server, accepted)

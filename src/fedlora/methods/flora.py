@@ -3,8 +3,9 @@
 Paper: Z. Wang, Z. Shen, Y. He, G. Sun, H. Wang, L. Lyu, A. Li, "FLoRA: Federated Fine-Tuning Large Language
 Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024, arXiv:2409.05976.
 
-Per module the server stacks ``A_stack = [p_1 s_1 A_1; …]`` and ``B_stack = [B_1, …]`` (the weight and each
-client's own scale are folded into one factor, so mixed ranks or scales stay exact) with
+Per module the server stacks ``B_stack = [p_1 s_1 B_1, …, p_K s_K B_K]`` and ``A_stack = [A_1; …; A_K]`` (the
+reference code puts ``p_k`` on A instead; the product is the same, and folding each client's own scale in keeps
+mixed ranks or scales exact) with
 ``B_stack @ A_stack = Σ p_k s_k B_k A_k``, and merges it: ``W0 ← W0 + Σ p_k s_k B_k A_k``. Every round each
 client starts from a freshly drawn LoRA (A random, B = 0; the draw is seeded by run seed, round and client) on
 the merged base: a Re-Initial scheme. Heads are averaged. The global adapter keeps B = 0.
