@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters.peft_io import AdapterSlots, add_to_base, base_weights
+from fedlora.adapters.peft_io import add_to_base, base_weights
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
@@ -224,13 +224,14 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
         run_dir.create(cfg.to_dict(), setup.data_info)
         log.info("run directory: %s", run_dir.path)
 
+    dense_base_bytes = _dense_base_bytes(setup.layout)
     for rnd in range(server.round, cfg.rounds):
         clients = sample_clients(
             cfg.clients, rnd, cfg.seed, per_round=cfg.clients_per_round, fraction=cfg.client_fraction
         )
         progress.start_round(rnd, len(clients))
         server, report = run_round(
-            rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=_dense_base_bytes(setup.layout)
+            rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=dense_base_bytes
         )
         run_dir.append_metrics(report.record())
         frozen = base_weights(setup.model, setup.layout) if method.changes_base else None
@@ -276,7 +277,6 @@ def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.n
 
         add_to_base(model, LoraLayout.from_peft_model(model), load_file(str(delta_file)))
     model.eval()
-    AdapterSlots(model)  # checks that every adapter tensor is in place
     return model, load_tokenizer(cfg.model)
 
 

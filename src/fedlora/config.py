@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import os
 import tomllib
@@ -151,8 +152,6 @@ class RunConfig:
         from fedlora.methods import get_method_class
 
         cls = get_method_class(self.method)
-        import inspect
-
         params = inspect.signature(cls.__init__).parameters
         allowed = [p for p in params if p not in ("self", "layout", "weighting", "seed")]
         for key in self.method_options:

@@ -92,9 +92,3 @@ def add_to_base(model: torch.nn.Module, layout: LoraLayout, delta: Mapping[str, 
             ):
                 raise ValueError(f"{name}: base weight shape {tuple(w.shape)} does not match the layout")
             w.add_(to_base_layout(spec, dense).to(w.dtype))
-
-
-def save_peft_adapter(model: torch.nn.Module, state: Mapping[str, torch.Tensor], directory: str) -> None:
-    """Load ``state`` into the model and write it with peft's ``save_pretrained`` (safetensors)."""
-    AdapterSlots(model).load(state)
-    model.save_pretrained(directory)  # type: ignore[operator]

@@ -123,11 +123,6 @@ def factors(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> tuple[to
     return state[spec.a_key], state[spec.b_key]
 
 
-def rank_of(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> int:
-    """The rank a state holds for ``spec`` (may differ from the layout's rank for heterogeneous clients)."""
-    return int(state[spec.a_key].shape[0])
-
-
 def delta_weight(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> torch.Tensor:
     """``s·B@A`` for one module, in nn.Linear layout ``(out, in)``, float32."""
     a, b = factors(state, spec)

@@ -8,6 +8,7 @@ the shared base, which is what every client would hold after receiving them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,8 +116,7 @@ class LocalEngine:
     # ------------------------------------------------------------------ helpers
     def client_model_state(self, client_id: int, server: ServerState) -> AdapterState:
         """The adapter client ``client_id`` would use now: what it would receive ∪ what it keeps."""
-        plan = self.method.plan(server.round, client_id, server)
-        plan = ClientPlan(plan.round, client_id, plan.download, plan.train_keys, plan.upload_keys)  # no re-init
+        plan = dataclasses.replace(self.method.plan(server.round, client_id, server), reinit_seed=None)
         return self.method.start_state(plan, self.initial, self.personal.get(client_id))
 
     def evaluate_personal(self, server: ServerState) -> dict[str, float]:
