@@ -33,7 +33,16 @@ def test_defaults_are_valid_and_resolve() -> None:
         ({"clients": 4, "clients_per_round": 6}, "clients_per_round=6 exceeds clients=4"),
         ({"clients_per_round": 2, "client_fraction": 0.5}, "either clients_per_round or client_fraction"),
         ({"method": "fedit", "method_options": {"local_head": False}}, "'local_head' is not an option of fedit"),
-        ({"use_rslora": "maybe"}, "use_rslora='maybe' is not a valid bool"),
+        ({"progress": "maybe"}, "progress='maybe' is not a valid bool"),
+        ({"alpha_rule": "linear"}, "alpha_rule='linear' is not allowed; allowed values: constant, proportional"),
+        ({"method": "fedsa_lora", "method_options": {"local_head": "nope"}}, "local_head='nope' is not a boolean"),
+        ({"method": "fedsa_lora", "method_options": {"local_hed": True}}, "'local_hed' is not an option of fedsa_lora"),
+        ({"client_ranks": "2,4,8"}, "fedit trains one rank for all clients; mixed ranks need one of: flexlora, flora"),
+        ({"method": "flora", "client_ranks": "2,16"}, "rank 16 exceeds lora_r=8"),
+        ({"method": "flora", "client_ranks": "list:2,4", "clients": 3}, "2 ranks for 3 clients"),
+        ({"method": "flora", "client_ranks": "cyclic:2,4"}, "unknown form 'cyclic'"),
+        ({"upload_codec": "topk:1.5"}, "upload_codec: codec 'topk:1.5': the top-k density must be a number in"),
+        ({"download_codec": "zip"}, "download_codec: unknown codec 'zip'; allowed: none, fp16, int8, topk"),
         ({"labels": [1, 2]}, "labels must be a list of strings"),
     ],
 )
@@ -44,12 +53,30 @@ def test_bad_values_fail_fast_naming_the_key(values: dict, message: str) -> None
 
 def test_strings_are_parsed_like_flags() -> None:
     cfg = RunConfig.from_dict(
-        {"rounds": "3", "lr": "1e-4", "use-rslora": "true", "labels": "a,b", "clients-per-round": "none"}
+        {"rounds": "3", "lr": "1e-4", "progress": "false", "labels": "a,b", "clients-per-round": "none"}
     )
-    assert (cfg.rounds, cfg.lr, cfg.use_rslora, cfg.labels, cfg.clients_per_round) == (3, 1e-4, True, ["a", "b"], None)
+    assert (cfg.rounds, cfg.lr, cfg.progress, cfg.labels, cfg.clients_per_round) == (3, 1e-4, False, ["a", "b"], None)
     assert RunConfig.from_dict({"method": "fedsa_lora", "method_options": {"local_head": False}}).method_options == {
         "local_head": False
     }
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "off"])
+def test_method_option_false_strings_are_false(text: str) -> None:
+    from fedlora.methods import get_method_class, parse_options
+
+    assert parse_options(get_method_class("fedsa_lora"), {"local_head": text}).local_head is False
+
+
+def test_client_ranks_forms() -> None:
+    from fedlora.config import parse_client_ranks
+
+    assert parse_client_ranks("2,4,8", 5, 0) == [2, 4, 8, 2, 4]
+    assert parse_client_ranks("tiers:2,4", 3, 0) == [2, 4, 2]
+    assert parse_client_ranks("list:8,2,4", 3, 0) == [8, 2, 4]
+    drawn = parse_client_ranks("random:2,4,8", 50, 1)
+    assert drawn == parse_client_ranks("random:2,4,8", 50, 1) and set(drawn) == {2, 4, 8}
+    assert drawn != parse_client_ranks("random:2,4,8", 50, 2)
 
 
 def test_config_file_and_flag_override(tmp_path) -> None:

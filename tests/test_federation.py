@@ -10,7 +10,7 @@ import torch
 from helpers import HEAD, random_state
 
 from fedlora.adapters import state_bytes
-from fedlora.federation.round import Ledger, run_round, sample_clients, validate_update
+from fedlora.federation.round import run_round, sample_clients, validate_update
 from fedlora.methods import ClientUpdate, build_method
 
 
@@ -19,18 +19,16 @@ class FakeRuntime:
 
     def __init__(self, replies):
         self.replies = replies
-        self.base_deltas = []
         self.evaluated = 0
         self.accepted = []
+        self.plans = []
 
     def train(self, plans):
+        self.plans.extend(plans)
         return [self.replies(p) for p in plans]
 
     def accept(self, client_ids):
         self.accepted.append(list(client_ids))
-
-    def apply_base_delta(self, delta):
-        self.base_deltas.append(delta)
 
     def evaluate(self, server):
         self.evaluated += 1
@@ -48,7 +46,9 @@ def test_sampling_is_seeded_and_sized() -> None:
 def _reply_from(layout, gen, n=10):
     def reply(plan):
         st = random_state(layout, gen)
-        return ClientUpdate(plan.client_id, {k: st[k] for k in plan.upload_keys}, num_examples=n, samples_seen=n)
+        return ClientUpdate(
+            plan.client_id, {k: st[k] for k in plan.upload_keys}, num_examples=n, samples_seen=n, ranks=plan.ranks
+        )
 
     return reply
 
@@ -75,7 +75,7 @@ def test_bad_replies_are_rejected_and_round_goes_on(layout, gen, caplog) -> None
 
     rt = FakeRuntime(replies)
     with caplog.at_level(logging.WARNING, logger="fedlora"):
-        new, report = run_round(0, method, server, Ledger(), rt, clients=list(range(6)), dense_base_bytes=0)
+        new, report = run_round(0, method, server, rt, clients=list(range(6)))
     assert report.accepted == [0]
     assert set(report.rejected) == {1, 2, 3, 4, 5}
     assert "non-finite" in report.rejected[1]
@@ -92,7 +92,7 @@ def test_all_rejected_keeps_global_state(layout, gen) -> None:
     method = build_method("fedit", layout)
     server = method.init_server(random_state(layout, gen))
     rt = FakeRuntime(lambda p: ValueError("boom"))
-    new, report = run_round(0, method, server, Ledger(), rt, clients=[0, 1], dense_base_bytes=0)
+    new, report = run_round(0, method, server, rt, clients=[0, 1])
     assert report.accepted == [] and new.round == 1
     for k in layout.all_keys:
         assert torch.equal(new.adapter[k], server.adapter[k])
@@ -107,44 +107,40 @@ def test_bytes_count_what_travels(layout, gen) -> None:
     ]:
         method = build_method(name, layout)
         server = method.init_server(random_state(layout, gen))
-        _, report = run_round(
-            0, method, server, Ledger(), FakeRuntime(_reply_from(layout, gen)), clients=[0, 2, 3], dense_base_bytes=0
-        )
+        _, report = run_round(0, method, server, FakeRuntime(_reply_from(layout, gen)), clients=[0, 2, 3])
         assert report.bytes_up == 3 * up_per_client, name
         assert report.bytes_down == 3 * state_bytes(method.plan(0, 0, server).download), name
 
 
-def test_base_delta_is_applied_accumulated_and_counted(layout, gen) -> None:
+def test_base_delta_travels_in_plans_accumulates_and_is_counted(layout, gen) -> None:
     method = build_method("fedex_lora", layout)
     server = method.init_server(random_state(layout, gen))
-    ledger = Ledger()
     rt = FakeRuntime(_reply_from(layout, gen))
     dense = sum(4 * s.in_features * s.out_features for s in layout.modules)
-    s1, r1 = run_round(0, method, server, ledger, rt, clients=[0, 1], dense_base_bytes=dense)
-    s2, r2 = run_round(1, method, s1, ledger, rt, clients=[0, 2], dense_base_bytes=dense)
-    assert len(rt.base_deltas) == 2
+    s1, r1 = run_round(0, method, server, rt, clients=[0, 1])
+    s2, r2 = run_round(1, method, s1, rt, clients=[0, 2])
+    s3, r3 = run_round(2, method, s2, rt, clients=[0, 1])
+    assert [p.base_update for p in rt.plans[:2]] == [None, None]  # nothing to apply before the first aggregation
+    first = s1.last_base_update
+    for p in rt.plans[2:4]:  # one version behind: the last change, additive
+        assert p.base_update.version == 1 and not p.base_update.cumulative
+        assert all(torch.equal(p.base_update.deltas[n], first[n]) for n in first)
+    late = rt.plans[5]  # client 1 missed round 1: it gets the whole change since version 0
+    assert late.client_id == 1 and late.base_update.cumulative and late.base_update.version == 2
     for spec in layout.modules:
-        torch.testing.assert_close(
-            s2.base_delta[spec.name], rt.base_deltas[0][spec.name] + rt.base_deltas[1][spec.name]
-        )
+        torch.testing.assert_close(s2.base_delta[spec.name], first[spec.name] + s2.last_base_update[spec.name])
+        assert torch.equal(late.base_update.deltas[spec.name], s2.base_delta[spec.name])
     adapter_down = state_bytes(method.plan(0, 0, server).download)
-    assert r1.bytes_down == 2 * adapter_down  # nothing pending before the first aggregation
-    assert r2.bytes_down == 2 * adapter_down + 2 * dense  # both need the residual of round 0
+    assert r1.bytes_down == 2 * adapter_down
+    assert r2.bytes_down == 2 * adapter_down + 2 * dense
+    assert s3.client_base == {0: 2, 1: 2, 2: 1}
 
 
 def test_validate_update_rejects_wrong_client(layout, gen) -> None:
     method = build_method("fedit", layout)
     server = method.init_server(random_state(layout, gen))
     plan = method.plan(0, 3, server)
-    u = ClientUpdate(4, dict(server.adapter), num_examples=1, samples_seen=1)
-    assert "client 4" in validate_update(u, plan, server.adapter)
-    assert validate_update(dataclasses.replace(u, client_id=3), plan, server.adapter) is None
-    assert "num_examples=0" in validate_update(
-        dataclasses.replace(u, client_id=3, num_examples=0), plan, server.adapter
-    )
-
-
-@pytest.mark.parametrize("n", [0, 3])
-def test_ledger_roundtrip(n: int) -> None:
-    led = Ledger(base_updates=[(i, 10 * i) for i in range(n)], last_sync={1: n})
-    assert Ledger.from_json(led.to_json()) == led
+    u = ClientUpdate(4, dict(server.adapter), num_examples=1, samples_seen=1, ranks=plan.ranks)
+    assert "client 4" in validate_update(u, plan)
+    assert validate_update(dataclasses.replace(u, client_id=3), plan) is None
+    assert "num_examples=0" in validate_update(dataclasses.replace(u, client_id=3, num_examples=0), plan)

@@ -5,6 +5,7 @@ It is the only layer besides the CLI that does I/O (the run directory) and reads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,13 +16,14 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters.peft_io import add_to_base, base_weights
+from fedlora.adapters.peft_io import add_to_base
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
 from fedlora.engines.local import ClientSplits, LocalEngine
-from fedlora.federation.round import Ledger, RoundReport, run_round, sample_clients
-from fedlora.methods import FedMethod, build_method
+from fedlora.federation import LoopHooks, RoundReport, Schedule, run_federation, start_state
+from fedlora.methods import FedMethod, MethodContext, build_method, derive_seed
+from fedlora.models.loading import add_named_adapter
 from fedlora.runs import RunDir, RunDirError
 from fedlora.tasks import Task, get_task
 
@@ -49,7 +51,7 @@ class RunResult:
 def resolve_config(cfg: RunConfig) -> RunConfig:
     """Fill the defaults that depend on other options (the default task's labels, weighting, threads)."""
     from fedlora.data import DEFAULT_DATASET, DEFAULT_LABELS
-    from fedlora.methods import get_method_class
+    from fedlora.methods import get_method_class, parse_options
 
     changes: dict[str, Any] = {}
     if cfg.dataset == DEFAULT_DATASET:
@@ -57,8 +59,14 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             changes["labels"] = list(DEFAULT_LABELS)
         if cfg.max_examples_per_label is None:
             changes["max_examples_per_label"] = DEFAULT_DATASET_LABEL_CAP
+    cls = get_method_class(cfg.method)
+    if cfg.method != cls.id:
+        changes["method"] = cls.id
     if cfg.weighting == "auto":
-        changes["weighting"] = get_method_class(cfg.method).default_weighting
+        changes["weighting"] = cls.default_weighting
+    full = dataclasses.asdict(parse_options(cls, cfg.method_options))
+    if full != cfg.method_options:
+        changes["method_options"] = full
     if cfg.threads is None:
         changes["threads"] = default_threads() or torch.get_num_threads()
     return cfg.replace(**changes) if changes else cfg
@@ -125,12 +133,25 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         modules_to_save=cfg.modules_to_save,
-        use_rslora=cfg.use_rslora,
+        use_rslora=cfg.alpha_rule == "rslora",
         init_lora_weights=cfg.init_lora_weights,
         seed=cfg.seed,
     )
-    layout = LoraLayout.from_peft_model(model)
-    method = build_method(cfg.method, layout, weighting=cfg.weighting, seed=cfg.seed, **cfg.method_options)
+    layout = LoraLayout.from_peft_model(model, alpha_rule=cfg.alpha_rule)
+    ctx = MethodContext(
+        layout=layout,
+        num_clients=cfg.clients,
+        client_ranks=tuple(cfg.resolved_client_ranks() or ()),
+        seed=cfg.seed,
+        weighting=cfg.weighting,
+        rounds=cfg.rounds,
+        init_lora_weights=cfg.init_lora_weights,
+        upload_codec=cfg.upload_codec,
+        download_codec=cfg.download_codec,
+    )
+    method = build_method(cfg.method, ctx, options=cfg.method_options)
+    for ns in method.extra_adapters:
+        add_named_adapter(model, ns, seed=derive_seed(cfg.seed, "adapter", ns))
 
     def enc(ds: Any) -> Any:
         return task.encode(tokenizer, ds, cfg.max_length)
@@ -158,10 +179,6 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
         ],
     }
     return Setup(cfg, task, tokenizer, model, layout, method, engine, info, pad_id)
-
-
-def _dense_base_bytes(layout: LoraLayout) -> int:
-    return sum(4 * m.in_features * m.out_features for m in layout.modules)
 
 
 RESUME_OVERRIDABLE = ("rounds", "progress", "threads")
@@ -204,40 +221,23 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
     progress = _Progress(cfg)
     setup = build(cfg, on_client_done=progress.client_done)
     engine, method = setup.engine, setup.method
-
-    server = method.init_server(engine.initial)
-    ledger = Ledger()
     if resuming:
-        ckpt = run_dir.latest_checkpoint()
-        if ckpt is None:
-            raise RunDirError(f"{run_dir.path} has no complete checkpoint to resume from")
-        server, engine.personal, weights, state = RunDir.load_checkpoint(ckpt)
-        ledger = Ledger.from_json(state["ledger"])
-        if method.changes_base:
-            live = base_weights(setup.model, setup.layout)
-            with torch.no_grad():
-                for name, w in weights.items():
-                    live[name].copy_(w)
-        run_dir.truncate_metrics(server.round)
-        log.info("resuming %s after round %d", run_dir.path, server.round)
+        try:
+            server = start_state(method, engine, run_dir, engine.initial, resume=True)
+        except FileNotFoundError:
+            raise RunDirError(f"{run_dir.path} has no complete checkpoint to resume from") from None
     else:
         run_dir.create(cfg.to_dict(), setup.data_info)
         log.info("run directory: %s", run_dir.path)
-
-    dense_base_bytes = _dense_base_bytes(setup.layout)
-    for rnd in range(server.round, cfg.rounds):
-        clients = sample_clients(
-            cfg.clients, rnd, cfg.seed, per_round=cfg.clients_per_round, fraction=cfg.client_fraction
-        )
-        progress.start_round(rnd, len(clients))
-        server, report = run_round(
-            rnd, method, server, ledger, engine, clients=clients, dense_base_bytes=dense_base_bytes
-        )
-        run_dir.append_metrics(report.record())
-        frozen = base_weights(setup.model, setup.layout) if method.changes_base else None
-        run_dir.save_checkpoint(server, engine.personal, {"ledger": ledger.to_json()}, frozen)
-        progress.end_round(report)
-
+        server = start_state(method, engine, run_dir, engine.initial, resume=False)
+    schedule = Schedule(
+        rounds=cfg.rounds,
+        num_clients=cfg.clients,
+        seed=cfg.seed,
+        clients_per_round=cfg.clients_per_round,
+        client_fraction=cfg.client_fraction,
+    )
+    server = run_federation(method, engine, run_dir, schedule, server, progress)
     _save_final(run_dir, setup, server, engine)
     history = run_dir.read_metrics()
     run_dir.write_summary({"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}})
@@ -245,15 +245,45 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
 
 
 def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine) -> None:
+    """The global adapter, and each client's own adapters (all of its named adapters), in peft's format."""
     slots = engine.slots
+    extra = list(setup.method.extra_adapters)
     if setup.method.has_global_model:
+        slots.load(engine.initial)
         slots.load(server.adapter)
-        setup.model.save_pretrained(str(run_dir.path / "adapter"))
+        slots.reset_scales()
+        setup.model.save_pretrained(str(run_dir.path / "adapter"), selected_adapters=["default"])
     run_dir.save_base_delta(server.base_delta)
-    for cid in sorted(engine.personal):
-        slots.load(engine.client_model_state(cid, server))
-        setup.model.save_pretrained(str(run_dir.path / "personal" / f"client-{cid}"))
+    if setup.method.has_personal_state:
+        try:
+            for cid in range(len(engine.clients)):
+                engine.load_client_model(cid, server)
+                target = run_dir.path / "personal" / f"client-{cid}"
+                setup.model.save_pretrained(str(target), selected_adapters=["default", *extra])
+                _write_client_scales(target, engine, extra)
+        finally:
+            slots.reset_scales()
     run_dir.plot()
+
+
+def _write_client_scales(target: Path, engine: LocalEngine, extra: list[str]) -> None:
+    """Make each saved adapter's ``lora_alpha`` give the scale the client used (its rank's scale times the weight
+    its adapter has at inference), so that peft rebuilds exactly the client's model. The factors are saved at the
+    global rank, zero-padded, which changes nothing."""
+    for ns in ["", *extra]:
+        cfg_path = (target / ns / "adapter_config.json") if ns else (target / "adapter_config.json")
+        cfg = json.loads(cfg_path.read_text())
+        r = int(cfg["r"])
+        scales = {
+            round(layer.scaling[adapter], 12)
+            for name, (layer, adapter) in engine.slots.layers.items()
+            if adapter == (ns or "default")
+        }
+        if len(scales) != 1:
+            continue  # modules with different scales keep peft's own alpha (not produced by fedlora's rules)
+        scale = scales.pop()
+        cfg["lora_alpha"] = scale * (r**0.5 if cfg.get("use_rslora") else r)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.nn.Module, Any]:
@@ -271,6 +301,15 @@ def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.n
     task = get_task(cfg.task)
     base = task.load_model(cfg.model, num_labels=len(labels), seed=cfg.seed)
     model = PeftModel.from_pretrained(base, str(rd.path / adapter))
+    named = sorted(p.name for p in (rd.path / adapter).iterdir() if (p / "adapter_config.json").is_file())
+    if named:  # several named adapters (e.g. FedDPA's global + local): all active, each with its saved scale
+        from peft.tuners.lora import LoraLayer
+
+        for name in named:
+            model.load_adapter(str(rd.path / adapter / name), adapter_name=name)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_adapter(["default", *named])
     delta_file = rd.path / "base_delta.safetensors"
     if delta_file.is_file():
         from safetensors.torch import load_file
@@ -280,7 +319,7 @@ def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.n
     return model, load_tokenizer(cfg.model)
 
 
-class _Progress:
+class _Progress(LoopHooks):
     """A tqdm bar per round over its clients, with the running metrics; silent when progress is off."""
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -288,7 +327,8 @@ class _Progress:
         self.bar: Any = None
         self.losses: list[float] = []
 
-    def start_round(self, rnd: int, n_clients: int) -> None:
+    def start_round(self, rnd: int, clients: list[int]) -> None:
+        n_clients = len(clients)
         self.losses = []
         if self.cfg.progress:
             from tqdm.auto import tqdm

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import os
 import tomllib
@@ -51,7 +50,9 @@ class RunConfig:
 
     # what runs
     method: str = _opt("fedit", "federated method id (see `fedlora methods`)", str, choices=_method_choices)
-    method_options: dict = _opt({}, "method-specific options, e.g. {local_head = false} for fedsa_lora", dict)
+    method_options: dict = _opt(
+        {}, "method-specific options, typed and checked (`fedlora methods ID` lists them), e.g. local_head=false", dict
+    )
     weighting: str = _opt(
         "auto",
         "client weights: auto (the method's paper), num_examples, samples_seen, uniform",
@@ -77,8 +78,22 @@ class RunConfig:
         "default", "'default' (embedded all-MiniLM-L6-v2), a local directory or a Hugging Face hub id", str
     )
     task: str = _opt("classification", "task type", str, choices=("classification",))
-    lora_r: int = _opt(8, "LoRA rank", int, minimum=1)
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora)", float, minimum=0)
+    lora_r: int = _opt(8, "LoRA rank of the global adapter (the largest client rank)", int, minimum=1)
+    lora_alpha: float = _opt(16.0, "LoRA alpha; a client of rank r_k gets the scale alpha_rule says", float, minimum=0)
+    alpha_rule: str = _opt(
+        "constant",
+        "scale of a rank-r_k client: constant (alpha/r_k), proportional (alpha_k = alpha*r_k/lora_r, so "
+        "alpha/lora_r for all), rslora (alpha/sqrt(r_k))",
+        str,
+        choices=("constant", "proportional", "rslora"),
+    )
+    client_ranks: str | None = _opt(
+        None,
+        "per-client LoRA ranks: tiers cycled over clients (2,4,8 or tiers:2,4,8), an explicit list of one per "
+        "client (list:2,4,8,8), or a seeded draw (random:2,4,8); default: every client at lora_r",
+        str,
+        nullable=True,
+    )
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input", float, minimum=0.0, maximum=1.0)
     target_modules: list | None = _opt(
         None, "modules to adapt (default: per architecture, e.g. query,value for BERT)", list, nullable=True
@@ -86,7 +101,6 @@ class RunConfig:
     modules_to_save: list | None = _opt(
         None, "extra fully-trained modules (default: the task head)", list, nullable=True
     )
-    use_rslora: bool = _opt(False, "rank-stabilised scale alpha/sqrt(r)", bool)
     init_lora_weights: str = _opt(
         "default", "LoRA A init: default (kaiming-uniform) or gaussian", str, choices=("default", "gaussian")
     )
@@ -125,6 +139,8 @@ class RunConfig:
     lr: float = _opt(3e-3, "local learning rate", float, minimum=0.0)
     weight_decay: float = _opt(0.0, "weight decay", float, minimum=0.0)
     momentum: float = _opt(0.0, "SGD momentum", float, minimum=0.0, maximum=1.0)
+    upload_codec: str = _opt("none", "codec of what clients send: none, fp16, int8, topk:<density>", str)
+    download_codec: str = _opt("none", "codec of what the server sends: none, fp16, int8, topk:<density>", str)
     max_grad_norm: float | None = _opt(
         1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0
     )
@@ -149,15 +165,33 @@ class RunConfig:
             parse_partition(self.partition)
         except ValueError as e:
             raise ConfigError(f"partition: {e}") from None
-        from fedlora.methods import get_method_class
+        from fedlora.client.codecs import parse_codec
+        from fedlora.methods import get_method_class, parse_options
 
+        for name in ("upload_codec", "download_codec"):
+            try:
+                parse_codec(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
         cls = get_method_class(self.method)
-        params = inspect.signature(cls.__init__).parameters
-        allowed = [p for p in params if p not in ("self", "layout", "weighting", "seed")]
-        for key in self.method_options:
-            if key not in allowed:
+        try:
+            parse_options(cls, self.method_options)
+        except ValueError as e:
+            raise ConfigError(f"method_options: {e}") from None
+        ranks = self.resolved_client_ranks()
+        if ranks is not None:
+            if max(ranks) > self.lora_r:
                 raise ConfigError(
-                    f"method_options: {key!r} is not an option of {self.method}; allowed: {allowed or 'none'}"
+                    f"client_ranks: rank {max(ranks)} exceeds lora_r={self.lora_r} (the global adapter's rank); "
+                    f"raise --lora-r to at least {max(ranks)}"
+                )
+            if len(set(ranks)) > 1 and not cls.supports_mixed_ranks:
+                from fedlora.methods import method_ids
+
+                able = [m for m in method_ids() if get_method_class(m).supports_mixed_ranks]
+                raise ConfigError(
+                    f"client_ranks: {self.method} trains one rank for all clients; mixed ranks need one of: "
+                    + ", ".join(able)
                 )
 
     # ------------------------------------------------------------------ construction
@@ -188,6 +222,15 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.from_dict(changes, base=self)
+
+    def resolved_client_ranks(self) -> list[int] | None:
+        """Each client's rank from ``client_ranks`` (None: every client at ``lora_r``)."""
+        if self.client_ranks is None:
+            return None
+        try:
+            return parse_client_ranks(self.client_ranks, self.clients, self.seed)
+        except ValueError as e:
+            raise ConfigError(f"client_ranks: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +303,34 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     except ValueError:
         raise ConfigError(f"{f.name}={value!r} is not a valid {kind.__name__}") from None
     return value
+
+
+def parse_client_ranks(spec: str, clients: int, seed: int) -> list[int]:
+    """Client ranks from ``tiers:a,b,..`` (or ``a,b,..``: cycled), ``list:..`` (one per client) or ``random:..``
+    (each client draws one of the values, seeded)."""
+    kind, _, values = spec.strip().partition(":")
+    if not values:
+        kind, values = "tiers", kind
+    if kind not in ("tiers", "list", "random"):
+        raise ValueError(f"{spec!r}: unknown form {kind!r}; allowed: tiers:<r,..>, list:<r,..>, random:<r,..>")
+    try:
+        ranks = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{spec!r}: ranks must be integers") from None
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"{spec!r}: give at least one rank, each >= 1")
+    if kind == "list":
+        if len(ranks) != clients:
+            raise ValueError(f"{spec!r}: {len(ranks)} ranks for {clients} clients (list: needs one per client)")
+        return ranks
+    if kind == "tiers":
+        return [ranks[k % len(ranks)] for k in range(clients)]
+    import random
+
+    from fedlora.methods.base import derive_seed
+
+    rng = random.Random(derive_seed(seed, "client-ranks"))
+    return [rng.choice(ranks) for _ in range(clients)]
 
 
 def default_threads() -> int | None:

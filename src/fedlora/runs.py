@@ -5,7 +5,7 @@ Layout::
     RUN_DIR/config.json             the resolved configuration (what ``--resume`` reloads)
     RUN_DIR/data.json               labels and per-client label counts
     RUN_DIR/metrics.jsonl           one JSON line per round
-    RUN_DIR/checkpoints/round-NNNN/ server.safetensors, personal.safetensors, state.json
+    RUN_DIR/checkpoints/round-NNNN/ server.safetensors, clients.safetensors, state.json
     RUN_DIR/adapter/                the final global adapter (peft ``save_pretrained``)
     RUN_DIR/base_delta.safetensors  the change of the frozen base weights (FedEx-LoRA, FLoRA), if any
     RUN_DIR/personal/client-K/      personal adapters (FedSA-LoRA), peft format
@@ -83,28 +83,45 @@ class RunDir:
     def save_checkpoint(
         self,
         server: ServerState,
-        personal: Mapping[int, Mapping[str, torch.Tensor]],
-        extra: Mapping[str, Any],
-        base_weights: Mapping[str, torch.Tensor] | None = None,
+        clients: Mapping[int, Mapping[str, torch.Tensor]],
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write the state after ``server.round`` completed rounds, atomically (temp dir, then rename).
 
-        ``base_weights`` are the current frozen weights of the adapted modules when a method changes them: a
-        resumed run restores them bit for bit (re-adding the cumulative delta would round differently).
+        Generic for every method: the server's adapter, named tensors and JSON metadata, each client's kept
+        tensors, the base-weight bookkeeping, and ``weights`` (the current frozen weights of the adapted modules
+        when a method changes them: a resumed run restores them bit for bit; re-adding the cumulative delta would
+        round differently).
         """
         final = self.checkpoint_dir(server.round)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = {f"adapter/{k}": v for k, v in server.adapter.items()}
+        tensors.update({f"state/{k}": v for k, v in server.tensors.items()})
         tensors.update({f"base/{k}": v for k, v in server.base_delta.items()})
-        tensors.update({f"weight/{k}": v for k, v in (base_weights or {}).items()})
+        last_kinds = {}
+        for name, d in server.last_base_update.items():
+            if isinstance(d, tuple):
+                tensors[f"lastbase/{name}/B"], tensors[f"lastbase/{name}/A"] = d
+                last_kinds[name] = "factored"
+            else:
+                tensors[f"lastbase/{name}"] = d
+                last_kinds[name] = "dense"
+        tensors.update({f"weight/{k}": v for k, v in (weights or {}).items()})
         _save_tensors(tmp / "server.safetensors", tensors)
         _save_tensors(
-            tmp / "personal.safetensors",
-            {f"client/{cid}/{k}": v for cid, st in personal.items() for k, v in st.items()},
+            tmp / "clients.safetensors",
+            {f"client/{cid}/{k}": v for cid, st in clients.items() for k, v in st.items()},
         )
-        (tmp / "state.json").write_text(json.dumps({"round": server.round, **extra}, indent=2) + "\n")
+        state = {
+            "round": server.round,
+            "meta": server.meta,
+            "base_version": server.base_version,
+            "last_base_update": last_kinds,
+            "client_base": {str(k): v for k, v in server.client_base.items()},
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
@@ -116,21 +133,42 @@ class RunDir:
         done = sorted(p for p in root.glob("round-[0-9][0-9][0-9][0-9]") if (p / "state.json").is_file())
         return done[-1] if done else None
 
+    def load_latest(self) -> tuple[ServerState, dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        ckpt = self.latest_checkpoint()
+        return None if ckpt is None else self.load_checkpoint(ckpt)
+
     @staticmethod
     def load_checkpoint(
         ckpt: Path,
-    ) -> tuple[ServerState, dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, Any]]:
-        """``(server state, personal states, base weights, JSON state)`` of a checkpoint."""
+    ) -> tuple[ServerState, dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``(server state, per-client states, base weights)`` of a checkpoint."""
         state = json.loads((ckpt / "state.json").read_text())
         tensors = load_file(str(ckpt / "server.safetensors"))
-        adapter = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
-        base = {k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")}
-        weights = {k[len("weight/") :]: v for k, v in tensors.items() if k.startswith("weight/")}
-        personal: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(str(ckpt / "personal.safetensors")).items():
+
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        last: dict[str, Any] = {}
+        for name, kind in state.get("last_base_update", {}).items():
+            if kind == "factored":
+                last[name] = (tensors[f"lastbase/{name}/B"], tensors[f"lastbase/{name}/A"])
+            else:
+                last[name] = tensors[f"lastbase/{name}"]
+        clients: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(ckpt / "clients.safetensors")).items():
             _, cid, name = key.split("/", 2)
-            personal.setdefault(int(cid), {})[name] = value
-        return ServerState(round=int(state["round"]), adapter=adapter, base_delta=base), personal, weights, state
+            clients.setdefault(int(cid), {})[name] = value
+        server = ServerState(
+            round=int(state["round"]),
+            adapter=group("adapter/"),
+            tensors=group("state/"),
+            meta=state.get("meta", {}),
+            base_delta=group("base/"),
+            base_version=int(state.get("base_version", 0)),
+            last_base_update=last,
+            client_base={int(k): int(v) for k, v in state.get("client_base", {}).items()},
+        )
+        return server, clients, group("weight/")
 
     # ------------------------------------------------------------------ final artefacts
     def save_base_delta(self, base_delta: Mapping[str, torch.Tensor]) -> None:

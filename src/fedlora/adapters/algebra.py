@@ -40,11 +40,16 @@ class SVDFactors:
         k = self.s.shape[0] if rank is None else rank
         return (self.u[:, :k] * self.s[:k]) @ self.vh[:k]
 
-    def to_lora(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_lora(
+        self, rank: int, scaling: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``scaling·B@A`` = best rank-``rank`` approximation; A has orthonormal rows.
 
         Singular values and ``1/scaling`` go into B (the FlexLoRA/SLoRA convention, METHODS.md §6, §34).
-        Ranks beyond the available singular values are filled with zero rows/columns.
+        When fewer than ``rank`` singular directions exist (few clients of small rank), the missing rows of A are
+        filled with random directions orthonormal to the others (drawn from ``generator``) and the matching columns
+        of B are zero: the product is unchanged, and every rank slot can still train (a zero row of A with a zero
+        column of B would have zero gradient forever).
         """
         k = min(rank, self.s.shape[0])
         m, n = self.u.shape[0], self.vh.shape[1]
@@ -52,7 +57,64 @@ class SVDFactors:
         b = self.u.new_zeros(m, rank)
         a[:k] = self.vh[:k]
         b[:, :k] = self.u[:, :k] * (self.s[:k] / scaling)
+        if k < rank:
+            a[k:] = complete_rows(a[:k], rank - k, generator)
         return a, b
+
+
+def complete_rows(rows: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` unit rows orthogonal to ``rows`` (orthonormal, k×n) and to each other, as far as n allows."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    n = rows.shape[1]
+    g = torch.randn(count, n, generator=gen, dtype=torch.float32).to(rows.dtype)
+    if rows.shape[0]:
+        g = g - (g @ rows.T) @ rows
+    room = n - rows.shape[0]
+    if room >= count:
+        q, _ = torch.linalg.qr(g.T, mode="reduced")
+        return q.T.contiguous()
+    return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` zero-padded to ``rank`` (rows of A, columns of B); ``B@A`` is unchanged."""
+    r = a.shape[0]
+    if r > rank:
+        raise ValueError(f"cannot pad rank {r} down to {rank}")
+    if r == rank:
+        return a, b
+    return torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0), torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
+
+
+def rankwise_average(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, dim: int, size: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average factors of different ranks along rank axis ``dim`` (0 for A, 1 for B), padded to ``size``.
+
+    ``mode="zero"``: ``Σ w_k pad0(X_k) / Σ w_k`` (rank i is diluted by the weight of clients without it);
+    ``mode="replicate"``: each rank index is averaged over the clients that own it only (RBLA, METHODS.md §16).
+    Returns the average (float32) and the total weight per rank index (0 where no client owns it).
+    """
+    if mode not in ("zero", "replicate"):
+        raise ValueError(f"mode={mode!r}; allowed: 'zero', 'replicate'")
+    num: torch.Tensor | None = None
+    owners = torch.zeros(size)
+    total = 0.0
+    for t, w in zip(tensors, weights, strict=True):
+        r = t.shape[dim]
+        pad = [0, 0] * (t.dim() - dim - 1) + [0, size - r]
+        term = torch.nn.functional.pad(t.float(), pad) * float(w)
+        num = term if num is None else num.add_(term)
+        owners[:r] += float(w)
+        total += float(w)
+    if num is None:
+        raise ValueError("rankwise_average of no tensors")
+    if mode == "zero":
+        return num / total, owners
+    den = owners.clamp_min(1e-30)
+    shape = [1] * num.dim()
+    shape[dim] = size
+    return num / den.view(shape), owners
 
 
 def stack_terms(terms: Sequence[LowRankTerm]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,16 +5,16 @@ An :data:`AdapterState` is exactly what peft saves for an adapter (``...query.lo
 ``set_peft_model_state_dict`` and converts to a Flower ``ArrayRecord`` without renaming.
 
 The :class:`LoraLayout` says which keys form the (A, B) pair of each adapted module, and carries each module's
-``lora_alpha``, rank rule (plain or rank-stabilised) and ``fan_in_fan_out`` flag. It is read from the peft model
-(:meth:`LoraLayout.from_peft_model`), never guessed from key names, and it is plain data: methods receive it and
-stay free of ``torch.nn`` and of peft.
+``lora_alpha``, alpha rule (how the scale depends on a client's rank) and ``fan_in_fan_out`` flag. It is read
+from the peft model (:meth:`LoraLayout.from_peft_model`), never guessed from key names, and it is plain data:
+methods receive it and stay free of ``torch.nn`` and of peft.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,6 +23,19 @@ AdapterState = dict[str, torch.Tensor]
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+NAMESPACE_SEP = "/"
+"""Keys of a second adapter (or of method state) are namespaced ``"<name>/<peft key>"``; the default adapter's
+keys are peft's own, unprefixed."""
+
+ALPHA_RULES = ("constant", "proportional", "rslora")
+"""How a client of rank ``r_k`` is scaled: ``constant`` (alpha fixed: ``s = alpha/r_k``, peft's default),
+``proportional`` (``alpha_k = alpha·r_k/r``: every rank gets the global scale ``alpha/r``; FLoRA's ``alpha_k = 2·r_k``)
+or ``rslora`` (``s = alpha/sqrt(r_k)``)."""
+
+
+def namespaced(namespace: str, key: str) -> str:
+    """``key`` under ``namespace`` (the default adapter, ``""``, keeps peft's key)."""
+    return f"{namespace}{NAMESPACE_SEP}{key}" if namespace else key
 
 
 @dataclass(frozen=True)
@@ -38,9 +51,14 @@ class LoraModuleSpec:
     in_features: int
     out_features: int
     rank: int
+    """The global (server) rank: the largest rank any client trains."""
     lora_alpha: float
-    use_rslora: bool = False
+    alpha_rule: str = "constant"
     fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"alpha_rule={self.alpha_rule!r}; allowed: {', '.join(ALPHA_RULES)}")
 
     @property
     def a_key(self) -> str:
@@ -51,9 +69,21 @@ class LoraModuleSpec:
         return self.name + LORA_B_SUFFIX
 
     def scaling(self, rank: int | None = None) -> float:
-        """peft's scale for this module at ``rank`` (default: the module's own rank)."""
+        """The LoRA scale ``s`` of a client training this module at ``rank`` (default: the global rank)."""
         r = self.rank if rank is None else rank
-        return self.lora_alpha / math.sqrt(r) if self.use_rslora else self.lora_alpha / r
+        if r < 1:
+            raise ValueError(f"{self.name}: rank {r} must be >= 1")
+        if self.alpha_rule == "rslora":
+            return self.lora_alpha / math.sqrt(r)
+        if self.alpha_rule == "proportional":
+            return self.lora_alpha / self.rank
+        return self.lora_alpha / r
+
+    def a_shape(self, rank: int | None = None) -> tuple[int, int]:
+        return (self.rank if rank is None else rank, self.in_features)
+
+    def b_shape(self, rank: int | None = None) -> tuple[int, int]:
+        return (self.out_features, self.rank if rank is None else rank)
 
 
 @dataclass(frozen=True)
@@ -88,33 +118,52 @@ class LoraLayout:
     def all_keys(self) -> tuple[str, ...]:
         return self.lora_keys + self.other_keys
 
+    def namespaced(self, namespace: str, *, with_other_keys: bool = False) -> LoraLayout:
+        """The same modules under ``namespace`` (a second adapter's keys); heads only when asked."""
+        mods = tuple(replace(m, name=namespaced(namespace, m.name)) for m in self.modules)
+        other = tuple(namespaced(namespace, k) for k in self.other_keys) if with_other_keys else ()
+        return LoraLayout(modules=mods, other_keys=other)
+
     @classmethod
-    def from_peft_model(cls, model: torch.nn.Module, adapter_name: str = "default") -> LoraLayout:
-        """Read the layout from a peft model: rank, alpha, rsLoRA and layout flags per LoRA layer."""
+    def from_peft_model(
+        cls,
+        model: torch.nn.Module,
+        adapter_name: str = "default",
+        *,
+        alpha_rule: str | None = None,
+        namespace: str = "",
+    ) -> LoraLayout:
+        """Read the layout from a peft model: rank, alpha and layout flags per LoRA layer.
+
+        ``alpha_rule`` defaults to what peft's config says (``rslora`` or ``constant``); ``namespace`` prefixes the
+        keys (a second adapter). For a namespaced adapter only its LoRA keys are listed (heads belong to the default).
+        """
         from peft import get_peft_model_state_dict
         from peft.tuners.lora import LoraLayer
 
-        use_rslora = bool(getattr(model.peft_config[adapter_name], "use_rslora", False))  # type: ignore[index]
+        if alpha_rule is None:
+            rs = bool(getattr(model.peft_config[adapter_name], "use_rslora", False))  # type: ignore[index]
+            alpha_rule = "rslora" if rs else "constant"
         specs = []
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
                 specs.append(
                     LoraModuleSpec(
-                        name=name,
+                        name=namespaced(namespace, name),
                         in_features=int(module.in_features),
                         out_features=int(module.out_features),
                         rank=int(module.r[adapter_name]),
                         lora_alpha=float(module.lora_alpha[adapter_name]),
-                        use_rslora=use_rslora,
+                        alpha_rule=alpha_rule,
                         fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
                     )
                 )
-        keys = get_peft_model_state_dict(model, adapter_name=adapter_name).keys()
+        keys = [namespaced(namespace, k) for k in get_peft_model_state_dict(model, adapter_name=adapter_name)]
         lora = {s.a_key for s in specs} | {s.b_key for s in specs}
         missing = lora - set(keys)
         if missing:
             raise ValueError(f"peft state dict lacks LoRA keys {sorted(missing)[:3]}; unsupported LoRA layer type")
-        other = tuple(k for k in keys if k not in lora)
+        other = () if namespace else tuple(k for k in keys if k not in lora)
         return cls(modules=tuple(specs), other_keys=other)
 
 
@@ -123,10 +172,10 @@ def factors(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> tuple[to
     return state[spec.a_key], state[spec.b_key]
 
 
-def delta_weight(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> torch.Tensor:
-    """``s·B@A`` for one module, in nn.Linear layout ``(out, in)``, float32."""
+def delta_weight(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec, scale: float | None = None) -> torch.Tensor:
+    """``s·B@A`` for one module, in nn.Linear layout ``(out, in)``, float32 (``s``: given, or the rank's scale)."""
     a, b = factors(state, spec)
-    return spec.scaling(a.shape[0]) * (b.float() @ a.float())
+    return (spec.scaling(a.shape[0]) if scale is None else scale) * (b.float() @ a.float())
 
 
 def to_base_layout(spec: LoraModuleSpec, dense: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The local (in-process) engine: every simulated client shares ONE frozen base model.
 
-A client's turn is "copy its adapter tensors into the peft model in place, train, read them out"
-(:func:`fedlora.client.train.client_round`), so per-client memory is only adapters (and personal tensors for
-methods that keep them), never a model. Changes of the frozen weights (FedEx-LoRA, FLoRA) are applied once to
-the shared base, which is what every client would hold after receiving them.
+A client's turn is "copy its adapter tensors into the peft model in place (zero-padded to the global rank, with
+its own scales), train, read them out" (:func:`fedlora.client.train.client_round`), so per-client memory is only
+the state a method keeps per client, never a model. Changes of the frozen weights arrive inside plans (and in the
+server state for evaluation); the shared base applies each once, which is what every client would hold.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.adapters.peft_io import AdapterSlots, add_to_base
+from fedlora.adapters.peft_io import AdapterSlots, add_to_base, base_weights
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings, client_round
-from fedlora.methods.base import ClientPlan, ClientUpdate, FedMethod, ServerState
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, FedMethod, ServerState
 from fedlora.tasks.base import Encoded, Task
 
 log = logging.getLogger("fedlora")
@@ -49,7 +49,7 @@ class LocalEngine:
         on_client_done: Callable[[ClientUpdate], None] | None = None,
     ) -> None:
         self.model = model
-        self.slots = AdapterSlots(model)
+        self.slots = AdapterSlots(model, ("default", *method.extra_adapters))
         self.layout = layout
         self.method = method
         self.task = task
@@ -63,12 +63,29 @@ class LocalEngine:
         self.initial: AdapterState = self.slots.read()
         self.personal: dict[int, AdapterState] = {}
         self._pending: dict[int, AdapterState] = {}
+        self.base_version = 0
+
+    # ------------------------------------------------------------------ base weights
+    def _apply_base(self, update: BaseUpdate | None) -> None:
+        if update is None or update.version <= self.base_version:
+            return  # the shared base already holds it (another client of this round brought it)
+        if update.cumulative:
+            raise RuntimeError("the shared base missed a change of the base weights; it cannot rebuild the original")
+        if update.version != self.base_version + 1:
+            raise RuntimeError(f"base update to version {update.version} on a base at version {self.base_version}")
+        add_to_base(self.model, self.layout, update.deltas)
+        self.base_version = update.version
+
+    def _sync_base(self, server: ServerState) -> None:
+        if server.base_version > self.base_version:
+            self._apply_base(BaseUpdate(server.base_version, server.last_base_update))
 
     # ------------------------------------------------------------------ Runtime
     def train(self, plans: Sequence[ClientPlan]) -> list[ClientUpdate | Exception]:
         replies: list[ClientUpdate | Exception] = []
         for plan in plans:
             try:
+                self._apply_base(plan.base_update)
                 update, keep = client_round(
                     self.method,
                     plan,
@@ -93,19 +110,34 @@ class LocalEngine:
         return replies
 
     def accept(self, client_ids: Sequence[int]) -> None:
-        """Keep the personal state of accepted clients only; a rejected client keeps what it had."""
+        """Keep the state of accepted clients only; a rejected client keeps what it had."""
         for cid in client_ids:
             if cid in self._pending:
                 self.personal[cid] = self._pending[cid]
         self._pending.clear()
 
-    def apply_base_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
-        add_to_base(self.model, self.layout, delta)
+    def client_states(self) -> dict[int, AdapterState]:
+        return dict(self.personal)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in base_weights(self.model, self.layout).items()}
+
+    def restore(
+        self, server: ServerState, clients: Mapping[int, AdapterState], weights: Mapping[str, torch.Tensor]
+    ) -> None:
+        self.personal = {int(k): dict(v) for k, v in clients.items()}
+        live = base_weights(self.model, self.layout)
+        with torch.no_grad():
+            for name, w in weights.items():
+                live[name].copy_(w)
+        self.base_version = server.base_version
 
     def evaluate(self, server: ServerState) -> dict[str, float]:
+        self._sync_base(server)
         metrics: dict[str, float] = {}
         if self.method.has_global_model:
             self.slots.load(server.adapter)
+            self.slots.reset_scales()
             m = self.task.evaluate(self.model, self.global_test, self.eval_batch_size, self.pad_id)
             metrics["global_accuracy"] = m["accuracy"]
             metrics["global_loss"] = m["loss"]
@@ -114,23 +146,34 @@ class LocalEngine:
         return metrics
 
     # ------------------------------------------------------------------ helpers
-    def client_model_state(self, client_id: int, server: ServerState) -> AdapterState:
-        """The adapter client ``client_id`` would use now: what it would receive ∪ what it keeps."""
+    def client_model_state(self, client_id: int, server: ServerState) -> tuple[AdapterState, ClientPlan]:
+        """The adapter client ``client_id`` would use now (what it would receive ∪ what it keeps) and its plan."""
         plan = dataclasses.replace(self.method.plan(server.round, client_id, server), reinit_seed=None)
-        return self.method.start_state(plan, self.initial, self.personal.get(client_id))
+        state = self.method.start_state(plan, self.initial, self.personal.get(client_id))
+        return {k: v for k, v in state.items() if k in self.slots.params}, plan
+
+    def load_client_model(self, client_id: int, server: ServerState) -> None:
+        """Put client ``client_id``'s own model into the shared one (its ranks, scales and adapter mix)."""
+        state, plan = self.client_model_state(client_id, server)
+        self.slots.load(self.initial)  # clears rank padding and adapters the client does not hold
+        self.slots.load(state)
+        self.slots.set_scales({k: v.scale for k, v in plan.ranks.items()}, self.method.inference_weights(client_id))
 
     def evaluate_personal(self, server: ServerState) -> dict[str, float]:
         """Accuracy and loss of each client's own model on its own test split, weighted by split size."""
         total, acc, loss = 0, 0.0, 0.0
-        for cid, splits in enumerate(self.clients):
-            if len(splits.test) == 0:
-                continue
-            self.slots.load(self.client_model_state(cid, server))
-            m = self.task.evaluate(self.model, splits.test, self.eval_batch_size, self.pad_id)
-            n = len(splits.test)
-            total += n
-            acc += m["accuracy"] * n
-            loss += m["loss"] * n
+        try:
+            for cid, splits in enumerate(self.clients):
+                if len(splits.test) == 0:
+                    continue
+                self.load_client_model(cid, server)
+                m = self.task.evaluate(self.model, splits.test, self.eval_batch_size, self.pad_id)
+                n = len(splits.test)
+                total += n
+                acc += m["accuracy"] * n
+                loss += m["loss"] * n
+        finally:
+            self.slots.reset_scales()
         if total == 0:
             return {}
         return {"personal_accuracy": acc / total, "personal_loss": loss / total}

@@ -1,5 +1,30 @@
-"""The round logic shared by every engine: sampling, plans, reply validation, aggregation, evaluation, bytes."""
+"""The round logic and the run loop shared by every engine: sampling, plans, reply validation, aggregation,
+evaluation, bytes, checkpoints and resume."""
 
-from fedlora.federation.round import Ledger, RoundReport, Runtime, run_round, sample_clients, validate_update
+from fedlora.federation.loop import LoopHooks, Schedule, Store, run_federation, start_state
+from fedlora.federation.round import (
+    RoundReport,
+    Runtime,
+    base_update_for,
+    decode_reply,
+    prepare_plan,
+    run_round,
+    sample_clients,
+    validate_update,
+)
 
-__all__ = ["Ledger", "RoundReport", "Runtime", "run_round", "sample_clients", "validate_update"]
+__all__ = [
+    "LoopHooks",
+    "RoundReport",
+    "Runtime",
+    "Schedule",
+    "Store",
+    "base_update_for",
+    "decode_reply",
+    "prepare_plan",
+    "run_federation",
+    "run_round",
+    "sample_clients",
+    "start_state",
+    "validate_update",
+]

@@ -1,70 +1,62 @@
 """One federated round, shared by every engine: sample → plan → client work → validate → aggregate → evaluate.
 
 Engines supply a :class:`Runtime` that moves data (the local engine trains in-process on one shared model; a
-Flower engine sends messages); everything else — which clients take part, what they receive, whether a reply
-is acceptable, the aggregation, and the bytes that travelled — is decided here, once.
+Flower engine sends messages); everything else — which clients take part, what they receive (including the
+changes of the base weights they have not seen yet), whether a reply is acceptable (against the plan: keys,
+ranks, scales, shapes, dtypes, finite values, counts, after decoding its codec), the aggregation, and the bytes
+that travelled (counted on encoded payloads) — is decided here, once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
-from fedlora.adapters.state import AdapterState, state_bytes
-from fedlora.methods.base import ClientPlan, ClientUpdate, FedMethod, ServerState, derive_seed
+from fedlora.adapters.peft_io import dense_delta
+from fedlora.adapters.state import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState
+from fedlora.client.codecs import CodecError, decode_state, encode_state, parse_codec, payload_bytes, roundtrip
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, FedMethod, ServerState, derive_seed
 
 log = logging.getLogger("fedlora")
 
 
 class Runtime(Protocol):
-    """What an engine provides to :func:`run_round`."""
+    """What an engine provides to :func:`run_round` and :func:`fedlora.federation.loop.run_federation`."""
 
     def train(self, plans: Sequence[ClientPlan]) -> list[ClientUpdate | Exception]:
-        """Run each plan's client work; return one reply (or the error it raised) per plan, in order."""
+        """Run each plan's client work (applying ``plan.base_update`` first); one reply or error per plan."""
         ...
 
     def accept(self, client_ids: Sequence[int]) -> None:
-        """The replies of these clients passed validation: commit what they keep (personal state)."""
-        ...
-
-    def apply_base_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
-        """Make a change of the frozen base weights (nn.Linear layout per module) take effect."""
+        """The replies of these clients passed validation: commit what they keep (per-client state)."""
         ...
 
     def evaluate(self, server: ServerState) -> dict[str, float]:
         """Metrics of the model after aggregation (global and/or personalised)."""
         ...
 
+    def client_states(self) -> dict[int, AdapterState]:
+        """Every client's kept state (checkpointed)."""
+        ...
 
-@dataclass
-class Ledger:
-    """Book-keeping the round logic carries between rounds (checkpointed with the server state)."""
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The current frozen weights of the adapted modules, when the method changes them (checkpointed)."""
+        ...
 
-    base_updates: list[tuple[int, int]] = field(default_factory=list)
-    """``(round, wire bytes)`` of each change of the base weights."""
-    last_sync: dict[int, int] = field(default_factory=dict)
-    """Per client, the number of rounds completed when it last received the model."""
-
-    def pending_base_bytes(self, client_id: int, dense_bytes: int) -> int:
-        since = self.last_sync.get(client_id, 0)
-        pending = sum(b for r, b in self.base_updates if r >= since)
-        return min(pending, dense_bytes) if pending else 0
-
-    def to_json(self) -> dict:
-        return {"base_updates": self.base_updates, "last_sync": {str(k): v for k, v in self.last_sync.items()}}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> Ledger:
-        return cls(
-            base_updates=[(int(r), int(b)) for r, b in data.get("base_updates", [])],
-            last_sync={int(k): int(v) for k, v in data.get("last_sync", {}).items()},
-        )
+    def restore(
+        self, server: ServerState, clients: Mapping[int, AdapterState], weights: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Take back a checkpoint's per-client state and base weights (resume)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -74,13 +66,14 @@ class RoundReport:
     accepted: list[int]
     rejected: dict[int, str]
     bytes_up: int
-    """Bytes of every reply received, accepted or rejected (they travelled either way)."""
+    """Bytes of every reply received, accepted or rejected (they travelled either way), as encoded."""
     bytes_down: int
+    """Bytes of every plan's encoded download plus the base-weight changes it carries."""
     train_loss: float
     seconds: float
     metrics: dict[str, float]
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """One line of ``metrics.jsonl``."""
         return {
             "round": self.round,
@@ -110,50 +103,126 @@ def sample_clients(
     return sorted(rng.sample(range(num_clients), k))
 
 
-def validate_update(update: ClientUpdate | Exception, plan: ClientPlan, reference: AdapterState) -> str | None:
-    """Why a reply must be rejected, or None when it is acceptable."""
+def base_update_for(server: ServerState, client_id: int) -> BaseUpdate | None:
+    """The change of the base weights client ``client_id`` has not received (None when it is up to date)."""
+    have = server.client_base.get(client_id, 0)
+    if have == server.base_version:
+        return None
+    if have == server.base_version - 1 and server.last_base_update:
+        return BaseUpdate(server.base_version, dict(server.last_base_update), cumulative=False)
+    return BaseUpdate(server.base_version, dict(server.base_delta), cumulative=True)
+
+
+def prepare_plan(plan: ClientPlan, server: ServerState) -> tuple[ClientPlan, int]:
+    """Add the pending base change and apply the download codec; returns the plan as the client will see it
+    (download decoded) and the bytes that travel down."""
+    base = base_update_for(server, plan.client_id)
+    codec = parse_codec(plan.download_codec)
+    payload = encode_state(codec, plan.download)
+    down = payload_bytes(payload) + (base.wire_bytes() if base is not None else 0)
+    download = plan.download if codec.kind == "none" else roundtrip(codec, plan.download)
+    return replace(plan, download=download, base_update=base), down
+
+
+def _count(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{name}={value!r} is not an integer"
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        return f"{name}={value!r} is not a finite integer"
+    if value <= 0:
+        return f"{name}={value} must be positive"
+    return None
+
+
+def decode_reply(update: ClientUpdate | Exception, plan: ClientPlan) -> ClientUpdate | str:
+    """The reply with its payload decoded and checked against ``plan``, or the reason to reject it."""
     if isinstance(update, Exception):
         return f"client failed: {type(update).__name__}: {update}"
+    if not isinstance(update, ClientUpdate):
+        return f"reply is a {type(update).__name__}, not a ClientUpdate"
     if update.client_id != plan.client_id:
         return f"reply from client {update.client_id} to the plan of client {plan.client_id}"
-    got, want = set(update.state), set(plan.upload_keys)
-    if got != want:
-        missing, extra = sorted(want - got), sorted(got - want)
+    for name in ("num_examples", "samples_seen"):
+        why = _count(name, getattr(update, name))
+        if why:
+            return why
+    if not isinstance(update.state, Mapping):
+        return f"state is a {type(update.state).__name__}, not a mapping"
+    # ranks and scales: what the plan expects from this client
+    ranks = update.ranks if isinstance(update.ranks, Mapping) else {}
+    if set(ranks) != set(plan.ranks):
+        return f"reply ranks name modules {sorted(set(ranks) ^ set(plan.ranks))[:3]} unlike the plan"
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for key, spec in plan.upload.items():
+        shapes[key] = (tuple(spec.shape), spec.dtype)
+    for name, want in plan.ranks.items():
+        got = ranks[name]
+        r, s = getattr(got, "rank", None), getattr(got, "scale", None)
+        if isinstance(r, bool) or not isinstance(r, int):
+            return f"{name}: rank {r!r} is not an integer"
+        if not (r == want.rank or (plan.rank_may_shrink and 1 <= r <= want.rank)):
+            return f"{name}: rank {r}, plan expects {want.rank}" + (" or lower" if plan.rank_may_shrink else "")
+        if s != want.scale:
+            return f"{name}: scale {s!r}, plan expects {want.scale!r}"
+        for suffix, dim in ((LORA_A_SUFFIX, 0), (LORA_B_SUFFIX, 1)):
+            key = name + suffix
+            if key in shapes and r != want.rank:
+                shape = list(shapes[key][0])
+                shape[dim] = r
+                shapes[key] = (tuple(shape), shapes[key][1])
+    try:
+        codec = parse_codec(plan.upload_codec)
+        state = decode_state(codec, update.state, shapes, plan.download)
+    except CodecError as e:
+        return f"payload: {e}"
+    except Exception as e:  # a payload that even decoding chokes on is rejected, never raised
+        return f"payload cannot be decoded: {type(e).__name__}: {e}"
+    got, want_keys = set(state), set(plan.upload)
+    if got != want_keys:
+        missing, extra = sorted(want_keys - got), sorted(got - want_keys)
         return f"keys differ: missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-    for key in plan.upload_keys:
-        t, ref = update.state[key], reference[key]
+    for key, (shape, dtype) in shapes.items():
+        t = state[key]
         if not isinstance(t, torch.Tensor):
             return f"{key} is a {type(t).__name__}, not a tensor"
-        if t.shape != ref.shape:
-            return f"{key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-        if t.dtype != ref.dtype:
-            return f"{key} has dtype {t.dtype}, expected {ref.dtype}"
+        if t.layout != torch.strided or t.device.type != "cpu":
+            return f"{key} is a {t.layout}/{t.device.type} tensor, expected a dense CPU tensor"
+        if tuple(t.shape) != shape:
+            return f"{key} has shape {tuple(t.shape)}, expected {shape}"
+        if t.dtype != dtype:
+            return f"{key} has dtype {t.dtype}, expected {dtype}"
         if not bool(torch.isfinite(t).all()):
             return f"{key} has non-finite values"
-    if update.num_examples <= 0:
-        return f"num_examples={update.num_examples} must be positive"
-    if update.samples_seen <= 0:
-        return f"samples_seen={update.samples_seen} must be positive"
+    return replace(update, state=state, ranks=dict(ranks))
+
+
+def validate_update(update: ClientUpdate | Exception, plan: ClientPlan) -> str | None:
+    """Why a reply must be rejected, or None when it is acceptable."""
+    out = decode_reply(update, plan)
+    return out if isinstance(out, str) else None
+
+
+def _finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
     return None
 
 
 def run_round(
-    rnd: int,
-    method: FedMethod,
-    server: ServerState,
-    ledger: Ledger,
-    runtime: Runtime,
-    *,
-    clients: Sequence[int],
-    dense_base_bytes: int,
+    rnd: int, method: FedMethod, server: ServerState, runtime: Runtime, *, clients: Sequence[int]
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``rnd`` with the given sampled ``clients``; return the new server state and the report."""
     start = time.perf_counter()
-    plans = [method.plan(rnd, c, server) for c in clients]
+    plans: list[ClientPlan] = []
     bytes_down = 0
-    for p in plans:
-        bytes_down += state_bytes(p.download) + ledger.pending_base_bytes(p.client_id, dense_base_bytes)
-        ledger.last_sync[p.client_id] = server.round
+    client_base = dict(server.client_base)
+    for c in clients:
+        plan, down = prepare_plan(method.plan(rnd, c, server), server)
+        plans.append(plan)
+        bytes_down += down
+        client_base[c] = server.base_version
+    server = replace(server, client_base=client_base)
     replies = runtime.train(plans)
     if len(replies) != len(plans):
         raise RuntimeError(f"runtime returned {len(replies)} replies for {len(plans)} plans")
@@ -161,29 +230,45 @@ def run_round(
     rejected: dict[int, str] = {}
     bytes_up = 0
     for plan, reply in zip(plans, replies, strict=True):
-        if isinstance(reply, ClientUpdate):
-            bytes_up += state_bytes(reply.state)
-        reason = validate_update(reply, plan, server.adapter)
-        if reason is None:
-            accepted.append(reply)  # type: ignore[arg-type]
+        if isinstance(reply, ClientUpdate) and isinstance(reply.state, Mapping):
+            with contextlib.suppress(Exception):  # not tensors: counted as nothing, rejected below
+                bytes_up += payload_bytes(reply.state)
+        out = decode_reply(reply, plan)
+        if isinstance(out, ClientUpdate):
+            accepted.append(out)
         else:
-            rejected[plan.client_id] = reason
-            log.warning("round %d: rejected the reply of client %d: %s", rnd, plan.client_id, reason)
-    runtime.accept([u.client_id for u in accepted])
+            rejected[plan.client_id] = out
+            log.warning("round %d: rejected the reply of client %d: %s", rnd, plan.client_id, out)
     agg_metrics: dict[str, float] = {}
     if accepted:
         result = method.aggregate(rnd, server, accepted)
-        base = dict(server.base_delta)
-        if result.base_delta:
-            for name, d in result.base_delta.items():
-                base[name] = base[name] + d if name in base else d.clone()
-            runtime.apply_base_delta(result.base_delta)
-            ledger.base_updates.append((rnd, result.base_delta_wire_bytes))
-        server = replace(server, adapter=result.adapter, base_delta=base, round=rnd + 1)
-        agg_metrics = dict(result.metrics)
+        bad = _finite(result.adapter) or _finite(result.tensors or {})
+        if bad is not None:
+            log.warning("round %d: the aggregate has non-finite values in %s; the global state is unchanged", rnd, bad)
+            accepted, rejected = [], {**rejected, **{u.client_id: f"aggregate non-finite ({bad})" for u in accepted}}
+            server = replace(server, round=rnd + 1)
+        else:
+            changes: dict[str, Any] = {"adapter": result.adapter, "round": rnd + 1}
+            if result.tensors is not None:
+                changes["tensors"] = result.tensors
+            if result.meta is not None:
+                if json.loads(json.dumps(result.meta)) != result.meta:
+                    raise TypeError(f"{method.id}: server meta must survive JSON unchanged (str keys, plain values)")
+                changes["meta"] = result.meta
+            if result.base_delta:
+                base = dict(server.base_delta)
+                for name, d in result.base_delta.items():
+                    dense = dense_delta(d)
+                    base[name] = base[name] + dense if name in base else dense.clone()
+                changes.update(
+                    base_delta=base, base_version=server.base_version + 1, last_base_update=dict(result.base_delta)
+                )
+            server = replace(server, **changes)
+            agg_metrics = dict(result.metrics)
     else:
         log.warning("round %d: no acceptable reply; the global state is unchanged", rnd)
         server = replace(server, round=rnd + 1)
+    runtime.accept([u.client_id for u in accepted])
     metrics = {**agg_metrics, **runtime.evaluate(server)}
     seen = sum(u.samples_seen for u in accepted)
     train_loss = (

@@ -1,44 +1,59 @@
-"""Typed messages and the base class every federated LoRA method derives from, plus the registry.
+"""The contract every federated method stands on: typed plans, replies and state, and the registry.
 
 A method is pure: it never touches files, sockets, models or ``flwr``. The round logic
 (:mod:`fedlora.federation`) asks it, per round,
 
-* :meth:`FedMethod.plan` (server side): what client ``k`` receives and which adapter tensors it trains and
-  sends back;
-* :meth:`FedMethod.start_state` / :meth:`FedMethod.finish` (client side): the adapter the client starts from
-  (common initial adapter ∪ its personal tensors ∪ what it received, or a fresh draw) and, after training, what
-  travels up and what it keeps privately;
-* :meth:`FedMethod.aggregate` (server side): the new global adapter, and an explicit ``base_delta`` when the
-  method changes the frozen weights (FedEx-LoRA, FLoRA).
+* :meth:`FedMethod.plan` (server side): what client ``k`` receives (namespaced tensors), the rank and scale of
+  each of its LoRA modules, which tensors it trains (in one or more :class:`Stage`), and what it must send back
+  (:class:`TensorSpec` per key: replies are validated against the plan, never against the server's adapter);
+* :meth:`FedMethod.start_state`, :meth:`FedMethod.objective`, :meth:`FedMethod.finish` (client side): the
+  adapter the client starts from, what shapes its local loss or gradients, and after training what travels up and
+  what the client keeps;
+* :meth:`FedMethod.aggregate` (server side): the new global adapter, the method's own server state (named tensors
+  + JSON metadata), and an explicit ``base_delta`` when the method changes the frozen weights.
 
-Weighting of clients (``num_examples``, ``samples_seen``, ``uniform``) is an explicit constructor argument;
-``"auto"`` resolves to the weighting of the method's reference code (METHODS.md §34).
+All state a method carries between rounds lives in :class:`ServerState` (server) or in the per-client state the
+engine holds for it; both are checkpointed generically, so a method keeps nothing mutable on ``self``.
+Options are a frozen dataclass per method (:attr:`FedMethod.Options`), parsed and type-checked by
+:func:`parse_options`. Weighting of clients is explicit; ``"auto"`` resolves to the method's reference code
+(METHODS.md §34).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from fedlora.adapters.algebra import LowRankTerm, fresh_lora_factors
 from fedlora.adapters.state import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    NAMESPACE_SEP,
     AdapterState,
     LoraLayout,
     LoraModuleSpec,
     clone_state,
-    factors,
+    namespaced,
     subset,
     weighted_mean,
 )
+from fedlora.client.objectives import Objective
 
 WEIGHTINGS = ("num_examples", "samples_seen", "uniform")
 """``num_examples``: local training-set size; ``samples_seen``: examples processed this round (FederatedScope);
 ``uniform``: ``1/K``."""
+
+BaseDelta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A change of one frozen weight: dense ``(out, in)``, or factored ``(B, A)`` meaning ``B @ A``."""
 
 
 def derive_seed(*parts: object) -> int:
@@ -47,15 +62,53 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# ---------------------------------------------------------------------------------------------- messages
 @dataclass(frozen=True)
-class ClientUpdate:
-    """A client's reply: the tensors that travelled up, and how much data produced them."""
+class ModuleRank:
+    """The rank a client trains one LoRA module at, and the scale ``s`` its ``B@A`` is multiplied by."""
 
-    client_id: int
-    state: AdapterState
-    num_examples: int
-    samples_seen: int = 0
-    metrics: Mapping[str, float] = field(default_factory=dict)
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one uploaded tensor must look like (after decoding)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training pass of a client's round: which tensors get gradients and how the adapters are mixed.
+
+    ``adapter_weights`` maps an adapter namespace (``""`` = the default adapter) to the multiplier of its scale in
+    the forward pass; adapters not listed are inactive. Trained tensors of an inactive adapter are an error.
+    """
+
+    train_keys: frozenset[str]
+    adapter_weights: Mapping[str, float] = field(default_factory=lambda: {"": 1.0})
+
+
+@dataclass(frozen=True)
+class BaseUpdate:
+    """A change of the frozen base weights a client must apply before training (it travels inside the plan).
+
+    ``cumulative=False``: add ``deltas`` to weights at version ``version - 1``; ``cumulative=True``: the weights are
+    the original ones plus ``deltas`` (the change since version 0, for a client that missed several updates).
+    """
+
+    version: int
+    deltas: Mapping[str, BaseDelta]
+    cumulative: bool = False
+
+    def wire_bytes(self) -> int:
+        total = 0
+        for d in self.deltas.values():
+            parts = d if isinstance(d, tuple) else (d,)
+            total += sum(t.numel() * t.element_size() for t in parts)
+        return total
 
 
 @dataclass(frozen=True)
@@ -65,33 +118,217 @@ class ClientPlan:
     round: int
     client_id: int
     download: AdapterState
-    train_keys: frozenset[str]
-    upload_keys: tuple[str, ...]
+    """Tensors the client receives (namespaced keys: the global adapter, a cluster's, control variates...)."""
+    upload: Mapping[str, TensorSpec]
+    """Every key the reply must carry, with its shape and dtype (LoRA keys at the client's rank)."""
+    ranks: Mapping[str, ModuleRank]
+    """Rank and scale per LoRA module (namespaced module names for a second adapter)."""
+    stages: tuple[Stage, ...]
     reinit_seed: int | None = None
     """When set, the client starts from freshly drawn LoRA factors (A random, B=0) seeded by this value."""
+    rank_may_shrink: bool = False
+    """The client may upload a module at a lower rank than planned (HetLoRA's self-pruning), never higher."""
+    base_update: BaseUpdate | None = None
+    """Filled in by the round logic: the change of the base weights this client has not received yet."""
+    upload_codec: str = "none"
+    download_codec: str = "none"
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        return frozenset().union(*(s.train_keys for s in self.stages))
+
+    @property
+    def upload_keys(self) -> tuple[str, ...]:
+        return tuple(self.upload)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply: the tensors that travelled up, each module's rank and scale, and counts."""
+
+    client_id: int
+    state: AdapterState
+    num_examples: int
+    samples_seen: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    ranks: Mapping[str, ModuleRank] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What the client loop reports to :meth:`FedMethod.finish`."""
+
+    steps: int
+    samples_seen: int
+    train_loss: float
+    lr: float
 
 
 @dataclass(frozen=True)
 class ServerState:
-    """Everything the server carries between rounds."""
+    """Everything the server carries between rounds (checkpointed generically)."""
 
     round: int
     adapter: AdapterState
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The method's named server tensors (optimiser moments, control variates, cluster adapters, ...)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """The method's JSON metadata (cluster assignments, client ranks, counters, ...)."""
     base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     """Cumulative change of the frozen base weights per module name, nn.Linear layout ``(out, in)``."""
+    base_version: int = 0
+    """Number of base-weight changes so far."""
+    last_base_update: dict[str, BaseDelta] = field(default_factory=dict)
+    """The latest change as it travels (dense residual, or stacked factors)."""
+    client_base: dict[int, int] = field(default_factory=dict)
+    """Per client, the base version it last received."""
 
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """A round's outcome: the new global adapter and, for methods that change W0, this round's ``base_delta``."""
+    """A round's outcome: the new global adapter, the method's server state, and this round's ``base_delta``."""
 
     adapter: AdapterState
-    base_delta: dict[str, torch.Tensor] | None = None
-    base_delta_wire_bytes: int = 0
-    """Bytes a client must receive to apply ``base_delta`` (dense for FedEx-LoRA, stacked factors for FLoRA)."""
+    base_delta: Mapping[str, BaseDelta] | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    """The method's new server tensors (None: unchanged)."""
+    meta: dict[str, Any] | None = None
+    """The method's new metadata (None: unchanged)."""
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method knows about the run: the adapter layout, the clients, their ranks, the seed."""
+
+    layout: LoraLayout
+    num_clients: int = 1
+    client_ranks: tuple[int, ...] = ()
+    """Rank of each client (empty: every client trains at the layout's rank)."""
+    seed: int = 0
+    weighting: str = "auto"
+    rounds: int = 1
+    init_lora_weights: str = "default"
+    upload_codec: str = "none"
+    download_codec: str = "none"
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This method has no options."""
+
+
+# ---------------------------------------------------------------------------------------------- options
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A method option: a dataclass field with its help text and bounds (shown by ``fedlora methods ID``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum, "max": maximum})
+
+
+class OptionError(ValueError):
+    """A method option is unknown or has a bad value; the message names it and what is allowed."""
+
+
+def _option_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce_option(name: str, kind: Any, value: Any) -> Any:
+    """Parse ``value`` (a CLI string, or a typed TOML/Python value) into ``kind``; strict, no truthy strings."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise OptionError(f"{name}={value!r} is not a boolean; allowed: true, false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise OptionError(f"{name}={value!r} is not an integer")
+    if kind is float:
+        if isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} is not a number")
+        try:
+            out = float(value.strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{name}={value!r} is not a number") from None
+        if not math.isfinite(out):
+            raise OptionError(f"{name}={value!r} must be finite")
+        return out
+    if kind is str:
+        if not isinstance(value, str):
+            raise OptionError(f"{name}={value!r} is not a string")
+        return value.strip()
+    raise OptionError(f"{name}: unsupported option type {kind!r}")
+
+
+def parse_options(cls: type[FedMethod], raw: Mapping[str, Any] | None) -> Any:
+    """The method's typed options from ``raw`` (strings from ``--method-option`` or typed values)."""
+    opts_cls = cls.Options
+    fields = {f.name: f for f in dataclasses.fields(opts_cls)}
+    values: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise OptionError(f"{key!r} is not an option of {cls.id}; allowed: {allowed}")
+        f = fields[name]
+        parsed = _coerce_option(name, _option_type(opts_cls, f), value)
+        meta = f.metadata
+        if meta.get("choices") is not None and parsed not in meta["choices"]:
+            raise OptionError(
+                f"{name}={parsed!r} is not allowed; allowed values: {', '.join(map(str, meta['choices']))}"
+            )
+        if meta.get("min") is not None and parsed is not None and parsed < meta["min"]:
+            raise OptionError(f"{name}={parsed!r} must be >= {meta['min']}")
+        if meta.get("max") is not None and parsed is not None and parsed > meta["max"]:
+            raise OptionError(f"{name}={parsed!r} must be <= {meta['max']}")
+        values[name] = parsed
+    try:
+        return opts_cls(**values)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"{cls.id}: {e}") from None
+
+
+def describe_options(cls: type[FedMethod]) -> list[dict[str, Any]]:
+    """``name, type, default, help, choices`` of every option of a method."""
+    out = []
+    for f in dataclasses.fields(cls.Options):
+        kind = _option_type(cls.Options, f)
+        out.append(
+            {
+                "name": f.name,
+                "type": getattr(kind, "__name__", str(kind)),
+                "default": f.default,
+                "help": f.metadata.get("help", ""),
+                "choices": f.metadata.get("choices"),
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- methods
 class FedMethod(ABC):
     """Base class: FedAvg-style defaults that concrete methods override where their paper differs."""
 
@@ -101,29 +338,130 @@ class FedMethod(ABC):
     paper: ClassVar[str]
     up: ClassVar[str]
     down: ClassVar[str]
+    bytes_up: ClassVar[str] = "r(m+n) + heads"
+    """Upload per module in terms of m (out), n (in), r (rank), K (clients in the round)."""
+    bytes_down: ClassVar[str] = "r(m+n) + heads"
     default_weighting: ClassVar[str] = "num_examples"
     changes_base: ClassVar[bool] = False
     has_personal_state: ClassVar[bool] = False
+    """Clients keep state between rounds (held by the engine), and are scored on their own test splits."""
     has_global_model: ClassVar[bool] = True
+    supports_mixed_ranks: ClassVar[bool] = False
+    extra_adapters: ClassVar[tuple[str, ...]] = ()
+    """Namespaces of further adapters every client holds besides the default one (e.g. FedDPA's ``local``)."""
+    Options: ClassVar[type] = NoOptions
 
-    def __init__(self, layout: LoraLayout, *, weighting: str = "auto", seed: int = 0) -> None:
-        if weighting == "auto":
-            weighting = self.default_weighting
+    def __init__(self, ctx: MethodContext, options: Any = None) -> None:
+        weighting = self.default_weighting if ctx.weighting == "auto" else ctx.weighting
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}; allowed: 'auto', " + ", ".join(map(repr, WEIGHTINGS)))
-        self.layout = layout
+        if ctx.client_ranks and not self.supports_mixed_ranks and len(set(ctx.client_ranks)) > 1:
+            raise ValueError(
+                f"{self.id} trains one rank for all clients; mixed client ranks need one of: "
+                + ", ".join(m for m in method_ids() if get_method_class(m).supports_mixed_ranks)
+            )
+        for r in ctx.client_ranks:
+            for spec in ctx.layout.modules:
+                if not 1 <= r <= spec.rank:
+                    raise ValueError(f"client rank {r} is outside 1..{spec.rank} (the global rank lora_r)")
+        self.ctx = ctx
+        self.layout = ctx.layout
         self.weighting = weighting
-        self.seed = seed
+        self.seed = ctx.seed
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{self.id}: options must be {self.Options.__name__}")
+        self.extra_layouts = {ns: self.layout.namespaced(ns) for ns in self.extra_adapters}
+        self._modules: dict[str, LoraModuleSpec] = {m.name: m for m in self.layout.modules}
+        for lay in self.extra_layouts.values():
+            self._modules.update({m.name: m for m in lay.modules})
+
+    # ----------------------------------------------------------------- ranks and specs
+    def client_rank(self, client_id: int, server: ServerState | None = None) -> int | None:
+        """The rank client ``client_id`` trains at: the configured one, or None (every module at its global rank).
+        Methods that change a client's rank keep it in the server's meta and override this."""
+        if self.ctx.client_ranks:
+            return self.ctx.client_ranks[client_id]
+        return None
+
+    def module_ranks(self, rank: int | None) -> dict[str, ModuleRank]:
+        """Rank and scale of every LoRA module (all adapters) for a client of ``rank`` (None: global ranks)."""
+        out = {}
+        for name, spec in self._modules.items():
+            r = spec.rank if rank is None else rank
+            out[name] = ModuleRank(r, spec.scaling(r))
+        return out
+
+    def module(self, name: str) -> LoraModuleSpec:
+        return self._modules[name]
+
+    def tensor_spec(
+        self, key: str, ranks: Mapping[str, ModuleRank], reference: Mapping[str, torch.Tensor]
+    ) -> TensorSpec:
+        """Expected shape/dtype of ``key`` for a client with ``ranks``: LoRA keys at the client's rank; other keys
+        like their value in ``reference`` (a namespaced key like its inner key)."""
+        for suffix, is_a in ((LORA_A_SUFFIX, True), (LORA_B_SUFFIX, False)):
+            if key.endswith(suffix):
+                name = key[: -len(suffix)]
+                inner = name
+                while inner not in self._modules and NAMESPACE_SEP in inner:
+                    inner = inner.split(NAMESPACE_SEP, 1)[1]
+                if inner in self._modules:
+                    spec = self._modules[inner]
+                    r = ranks[name].rank if name in ranks else ranks[inner].rank if inner in ranks else spec.rank
+                    ref = reference.get(spec.a_key if is_a else spec.b_key)
+                    dtype = ref.dtype if ref is not None else torch.float32
+                    return TensorSpec(spec.a_shape(r) if is_a else spec.b_shape(r), dtype)
+        inner = key
+        while inner not in reference and NAMESPACE_SEP in inner:
+            inner = inner.split(NAMESPACE_SEP, 1)[1]
+        if inner not in reference:
+            raise KeyError(f"{self.id}: no reference shape for upload key {key!r}")
+        return TensorSpec(tuple(reference[inner].shape), reference[inner].dtype)
+
+    def make_plan(
+        self,
+        rnd: int,
+        client_id: int,
+        server: ServerState,
+        *,
+        download: AdapterState,
+        upload_keys: Sequence[str],
+        train_keys: Sequence[str] | None = None,
+        stages: Sequence[Stage] | None = None,
+        rank: int | None = None,
+        reinit_seed: int | None = None,
+        rank_may_shrink: bool = False,
+        reference: Mapping[str, torch.Tensor] | None = None,
+    ) -> ClientPlan:
+        """Build a plan with the client's ranks and scales and the expected reply spec filled in."""
+        ranks = self.module_ranks(self.client_rank(client_id, server) if rank is None else rank)
+        ref = server.adapter if reference is None else reference
+        upload = {k: self.tensor_spec(k, ranks, ref) for k in upload_keys}
+        if stages is None:
+            stages = (Stage(frozenset(upload_keys if train_keys is None else train_keys)),)
+        return ClientPlan(
+            round=rnd,
+            client_id=client_id,
+            download=download,
+            upload=upload,
+            ranks=ranks,
+            stages=tuple(stages),
+            reinit_seed=reinit_seed,
+            rank_may_shrink=rank_may_shrink,
+            upload_codec=self.ctx.upload_codec,
+            download_codec=self.ctx.download_codec,
+        )
 
     # ----------------------------------------------------------------- server side
     def init_server(self, initial: AdapterState) -> ServerState:
-        """The server's state before round 0: the common initial adapter."""
-        return ServerState(round=0, adapter=clone_state(initial))
+        """The server's state before round 0: the common initial adapter of the default adapter."""
+        return ServerState(round=0, adapter=clone_state(subset(initial, self.layout.all_keys)))
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         """Default: send the whole global adapter, train and return all of it."""
         keys = self.layout.all_keys
-        return ClientPlan(rnd, client_id, subset(server.adapter, keys), frozenset(keys), keys)
+        return self.make_plan(rnd, client_id, server, download=subset(server.adapter, keys), upload_keys=keys)
 
     @abstractmethod
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
@@ -140,7 +478,7 @@ class FedMethod(ABC):
         else:
             raw = [float(u.samples_seen) for u in updates]
         total = sum(raw)
-        if total <= 0:
+        if not total > 0 or not math.isfinite(total):
             raise ValueError(f"client weights under {self.weighting!r} sum to {total}")
         return [w / total for w in raw]
 
@@ -151,34 +489,50 @@ class FedMethod(ABC):
         return {k: weighted_mean((u.state[k] for u in updates), weights) for k in keys}
 
     @staticmethod
+    def scale_of(update: ClientUpdate, spec: LoraModuleSpec) -> float:
+        """The scale client ``update`` trained ``spec`` at (its reply says; the rank's rule otherwise)."""
+        mr = update.ranks.get(spec.name)
+        return mr.scale if mr is not None else spec.scaling(update.state[spec.a_key].shape[0])
+
     def product_terms(
-        spec: LoraModuleSpec, updates: Sequence[ClientUpdate], weights: Sequence[float]
+        self, spec: LoraModuleSpec, updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> list[LowRankTerm]:
-        """The terms ``p_k·s_k·B_k@A_k`` of one module, each client with its own scale ``s_k = s(r_k)``."""
-        terms = []
-        for p, u in zip(weights, updates, strict=True):
-            a, b = factors(u.state, spec)
-            terms.append(LowRankTerm(b=b, a=a, coeff=p * spec.scaling(a.shape[0])))
-        return terms
+        """The terms ``p_k·s_k·B_k@A_k`` of one module, each client with its own scale ``s_k``."""
+        return [
+            LowRankTerm(b=u.state[spec.b_key], a=u.state[spec.a_key], coeff=p * self.scale_of(u, spec))
+            for p, u in zip(weights, updates, strict=True)
+        ]
 
     # ----------------------------------------------------------------- client side
     def start_state(self, plan: ClientPlan, initial: AdapterState, personal: AdapterState | None) -> AdapterState:
-        """The adapter a client trains from: initial ∪ personal ∪ download, then a fresh draw if asked."""
-        state = dict(initial)
+        """The adapter a client trains from: initial (at its ranks) ∪ personal ∪ download, then a fresh draw if
+        the plan asks for one."""
+        state = {k: slice_to_rank(k, v, plan.ranks) for k, v in initial.items()}
         if personal:
             state.update(personal)
         state.update(plan.download)
         if plan.reinit_seed is not None:
             gen = torch.Generator().manual_seed(plan.reinit_seed)
             for spec in self.layout.modules:
-                a, b = fresh_lora_factors(spec.out_features, spec.in_features, spec.rank, gen)
+                r = plan.ranks[spec.name].rank
+                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
                 state[spec.a_key] = a.to(initial[spec.a_key].dtype)
                 state[spec.b_key] = b.to(initial[spec.b_key].dtype)
         return state
 
-    def finish(self, plan: ClientPlan, trained: AdapterState) -> tuple[AdapterState, AdapterState | None]:
+    def objective(self, plan: ClientPlan, start: AdapterState, personal: AdapterState | None) -> Objective | None:
+        """What shapes the client's local training besides the task loss (None: the task loss alone)."""
+        return None
+
+    def finish(
+        self, plan: ClientPlan, trained: AdapterState, personal: AdapterState | None, stats: TrainStats
+    ) -> tuple[AdapterState, AdapterState | None]:
         """Split a trained adapter into (what travels up, what the client keeps privately)."""
         return subset(trained, plan.upload_keys), None
+
+    def inference_weights(self, client_id: int) -> Mapping[str, float]:
+        """How a client's adapters are mixed when its own model is evaluated (default adapter alone)."""
+        return {"": 1.0}
 
     # ----------------------------------------------------------------- description
     @classmethod
@@ -190,7 +544,20 @@ class FedMethod(ABC):
             "up": cls.up,
             "down": cls.down,
             "weighting": cls.default_weighting,
+            "bytes_up": cls.bytes_up,
+            "bytes_down": cls.bytes_down,
         }
+
+
+def slice_to_rank(key: str, value: torch.Tensor, ranks: Mapping[str, ModuleRank]) -> torch.Tensor:
+    """``value`` cut to the client's rank when ``key`` is a LoRA factor of a module in ``ranks``."""
+    if key.endswith(LORA_A_SUFFIX):
+        mr = ranks.get(key[: -len(LORA_A_SUFFIX)])
+        return value[: mr.rank] if mr is not None and value.shape[0] > mr.rank else value
+    if key.endswith(LORA_B_SUFFIX):
+        mr = ranks.get(key[: -len(LORA_B_SUFFIX)])
+        return value[:, : mr.rank] if mr is not None and value.shape[1] > mr.rank else value
+    return value
 
 
 _REGISTRY: dict[str, type[FedMethod]] = {}
@@ -204,6 +571,8 @@ def register_method(cls: type[FedMethod]) -> type[FedMethod]:
             raise ValueError(f"method id {name!r} must be a lowercase identifier")
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method id {name!r} is registered twice")
+    if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise ValueError(f"{cls.id}: Options must be a frozen dataclass")
     _REGISTRY[cls.id] = cls
     for alias in cls.aliases:
         _ALIASES[alias] = cls.id
@@ -215,6 +584,11 @@ def method_ids() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def canonical_id(name: str) -> str:
+    """The id behind ``name`` (an id or an alias)."""
+    return get_method_class(name).id
+
+
 def get_method_class(name: str) -> type[FedMethod]:
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
@@ -222,5 +596,42 @@ def get_method_class(name: str) -> type[FedMethod]:
     return _REGISTRY[key]
 
 
-def build_method(name: str, layout: LoraLayout, **kwargs: object) -> FedMethod:
-    return get_method_class(name)(layout, **kwargs)  # type: ignore[arg-type]
+def build_method(
+    name: str, layout: LoraLayout | MethodContext, *, options: Mapping[str, Any] | None = None, **context: Any
+) -> FedMethod:
+    """Build method ``name``: ``layout`` (with ``context`` fields of :class:`MethodContext`) or a full context."""
+    ctx = layout if isinstance(layout, MethodContext) else MethodContext(layout=layout, **context)
+    if isinstance(layout, MethodContext) and context:
+        ctx = dataclasses.replace(ctx, **context)
+    cls = get_method_class(name)
+    return cls(ctx, parse_options(cls, options))
+
+
+__all__ = [
+    "WEIGHTINGS",
+    "AggregateResult",
+    "BaseDelta",
+    "BaseUpdate",
+    "ClientPlan",
+    "ClientUpdate",
+    "FedMethod",
+    "MethodContext",
+    "ModuleRank",
+    "NoOptions",
+    "OptionError",
+    "ServerState",
+    "Stage",
+    "TensorSpec",
+    "TrainStats",
+    "build_method",
+    "canonical_id",
+    "derive_seed",
+    "describe_options",
+    "get_method_class",
+    "method_ids",
+    "namespaced",
+    "option",
+    "parse_options",
+    "register_method",
+    "slice_to_rank",
+]

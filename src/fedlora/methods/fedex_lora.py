@@ -4,9 +4,9 @@ Paper: R. Singhal, K. Ponkshe, P. Vepakomma, "FedEx-LoRA: Exact Aggregation for 
 Fine-Tuning of Foundation Models", ACL 2025, arXiv:2410.09432.
 
 Per module: ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k`` and ``W0 ← W0 + (Σ p_k s_k B_k A_k − s·B̄Ā)``, hence
-``W0_new + s·B̄Ā == W0_old + Σ p_k s_k B_k A_k`` exactly. The residual is returned in nn.Linear layout; it is
-transposed only when written into a Conv1D weight (the reference code transposes for nn.Linear too; §8 bug).
-Weights default to uniform ``1/K`` as in the reference code.
+``W0_new + s·B̄Ā == W0_old + Σ p_k s_k B_k A_k`` exactly (each client's own scale ``s_k`` from its reply). The
+residual is returned in nn.Linear layout; it is transposed only when written into a Conv1D weight (the reference
+code transposes for nn.Linear too; §8 bug). Weights default to uniform ``1/K`` as in the reference code.
 Up: A, B, heads. Down: Ā, B̄, heads and the dense residual (``m·n`` per module, generally full rank).
 """
 
@@ -26,6 +26,8 @@ class FedExLoRA(FedMethod):
     paper = "Singhal et al., ACL 2025, arXiv:2410.09432"
     up = "A, B, heads"
     down = "A, B, heads + dense residual m*n per module"
+    bytes_up = "r(m+n) + heads"
+    bytes_down = "r(m+n) + m*n + heads"
     default_weighting = "uniform"
     changes_base = True
 
@@ -33,10 +35,8 @@ class FedExLoRA(FedMethod):
         w = self.weights(updates)
         adapter = self.average_keys(self.layout.all_keys, updates, w)
         residual = {}
-        wire = 0
         for spec in self.layout.modules:
             ideal = dense_sum(self.product_terms(spec, updates, w))
             a_bar, b_bar = factors(adapter, spec)
-            residual[spec.name] = ideal - spec.scaling(a_bar.shape[0]) * (b_bar.float() @ a_bar.float())
-            wire += residual[spec.name].numel() * 4
-        return AggregateResult(adapter=adapter, base_delta=residual, base_delta_wire_bytes=wire)
+            residual[spec.name] = ideal - spec.scaling() * (b_bar.float() @ a_bar.float())
+        return AggregateResult(adapter=adapter, base_delta=residual)

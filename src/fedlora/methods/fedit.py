@@ -24,6 +24,8 @@ class FedIT(FedMethod):
     paper = "Zhang et al., ICASSP 2024, arXiv:2305.05644"
     up = "A, B, heads"
     down = "A, B, heads"
+    bytes_up = "r(m+n) + heads"
+    bytes_down = "r(m+n) + heads"
     default_weighting = "num_examples"
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:

@@ -14,16 +14,24 @@ Up: A (``r·n`` per module) [and heads when ``local_head=False``]. Down: A [and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from fedlora.adapters.state import AdapterState, LoraLayout, subset
+from fedlora.adapters.state import AdapterState, subset
 from fedlora.methods.base import (
     AggregateResult,
     ClientPlan,
     ClientUpdate,
     FedMethod,
     ServerState,
+    TrainStats,
+    option,
     register_method,
 )
+
+
+@dataclass(frozen=True)
+class FedSAOptions:
+    local_head: bool = option(True, "keep the task head with each client (the paper's GLUE setting); false shares it")
 
 
 @register_method
@@ -33,25 +41,33 @@ class FedSALoRA(FedMethod):
     paper = "Guo et al., ICLR 2025, arXiv:2410.01463"
     up = "A (heads too if local_head=false)"
     down = "A (heads too if local_head=false)"
+    bytes_up = "r*n (+ heads if local_head=false)"
+    bytes_down = "r*n (+ heads if local_head=false)"
     default_weighting = "samples_seen"
     has_personal_state = True
     has_global_model = False
-
-    def __init__(self, layout: LoraLayout, *, weighting: str = "auto", seed: int = 0, local_head: bool = True):
-        super().__init__(layout, weighting=weighting, seed=seed)
-        self.local_head = local_head
+    Options = FedSAOptions
 
     def shared_keys(self) -> tuple[str, ...]:
-        return self.layout.a_keys + (() if self.local_head else self.layout.other_keys)
+        return self.layout.a_keys + (() if self.options.local_head else self.layout.other_keys)
 
     def personal_keys(self) -> tuple[str, ...]:
-        return self.layout.b_keys + (self.layout.other_keys if self.local_head else ())
+        return self.layout.b_keys + (self.layout.other_keys if self.options.local_head else ())
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         shared = self.shared_keys()
-        return ClientPlan(rnd, client_id, subset(server.adapter, shared), frozenset(self.layout.all_keys), shared)
+        return self.make_plan(
+            rnd,
+            client_id,
+            server,
+            download=subset(server.adapter, shared),
+            upload_keys=shared,
+            train_keys=self.layout.all_keys,
+        )
 
-    def finish(self, plan: ClientPlan, trained: AdapterState) -> tuple[AdapterState, AdapterState | None]:
+    def finish(
+        self, plan: ClientPlan, trained: AdapterState, personal: AdapterState | None, stats: TrainStats
+    ) -> tuple[AdapterState, AdapterState | None]:
         return subset(trained, plan.upload_keys), subset(trained, self.personal_keys())
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:

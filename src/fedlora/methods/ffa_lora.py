@@ -31,6 +31,8 @@ class FFALoRA(FedMethod):
     paper = "Sun et al., ICLR 2024, arXiv:2403.12313"
     up = "B, heads"
     down = "B, heads"
+    bytes_up = "m*r + heads"
+    bytes_down = "m*r + heads"
     default_weighting = "samples_seen"
 
     def _shared_keys(self) -> tuple[str, ...]:
@@ -38,7 +40,7 @@ class FFALoRA(FedMethod):
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         keys = self._shared_keys()
-        return ClientPlan(rnd, client_id, subset(server.adapter, keys), frozenset(keys), keys)
+        return self.make_plan(rnd, client_id, server, download=subset(server.adapter, keys), upload_keys=keys)
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         w = self.weights(updates)

@@ -4,12 +4,13 @@ Paper: Z. Wang, Z. Shen, Y. He, G. Sun, H. Wang, L. Lyu, A. Li, "FLoRA: Federate
 Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024, arXiv:2409.05976.
 
 Per module the server stacks ``B_stack = [p_1 s_1 B_1, …, p_K s_K B_K]`` and ``A_stack = [A_1; …; A_K]`` (the
-reference code puts ``p_k`` on A instead; the product is the same, and folding each client's own scale in keeps
-mixed ranks or scales exact) with
-``B_stack @ A_stack = Σ p_k s_k B_k A_k``, and merges it: ``W0 ← W0 + Σ p_k s_k B_k A_k``. Every round each
-client starts from a freshly drawn LoRA (A random, B = 0; the draw is seeded by run seed, round and client) on
-the merged base: a Re-Initial scheme. Heads are averaged. The global adapter keeps B = 0.
-Up: A, B, heads (``r_k(m+n)``). Down: heads + the stacked factors (``Σ_k r_k (m+n)`` per module).
+reference code puts ``p_k`` on A instead; the product is the same, and folding each client's own scale ``s_k`` in
+keeps mixed ranks and scales exact, which the reference code's single ``alpha/r`` does not; §7) with
+``B_stack @ A_stack = Σ p_k s_k B_k A_k``, and merges it: ``W0 ← W0 + Σ p_k s_k B_k A_k``. The stacked factors
+are what travels down (``Σ_k r_k (m+n)`` per module). Every round each client starts from a freshly drawn LoRA
+of its own rank (A drawn as ``init_lora_weights`` says, B = 0; seeded by run seed, round and client) on the merged
+base: a Re-Initial scheme. Heads are averaged. The global adapter keeps B = 0. Mixed client ranks are supported.
+Up: A, B, heads (``r_k(m+n)``). Down: heads + the stacked factors.
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ class FLoRA(FedMethod):
     paper = "Wang et al., NeurIPS 2024, arXiv:2409.05976"
     up = "A, B, heads"
     down = "heads + stacked A, B of all clients (merged into W0)"
+    bytes_up = "r_k(m+n) + heads"
+    bytes_down = "sum_k r_k (m+n) + heads"
     default_weighting = "num_examples"
     changes_base = True
+    supports_mixed_ranks = True
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
-        keys = self.layout.all_keys
-        return ClientPlan(
+        return self.make_plan(
             rnd,
             client_id,
-            subset(server.adapter, self.layout.other_keys),
-            frozenset(keys),
-            keys,
+            server,
+            download=subset(server.adapter, self.layout.other_keys),
+            upload_keys=self.layout.all_keys,
             reinit_seed=derive_seed(self.seed, "flora-reinit", rnd, client_id),
         )
 
@@ -55,10 +58,7 @@ class FLoRA(FedMethod):
         adapter = dict(server.adapter)
         adapter.update(self.average_keys(self.layout.other_keys, updates, w))
         merged = {}
-        wire = 0
         for spec in self.layout.modules:
-            b_stack, a_stack = stack_terms(self.product_terms(spec, updates, w))
-            merged[spec.name] = b_stack @ a_stack
-            wire += (b_stack.numel() + a_stack.numel()) * 4
+            merged[spec.name] = stack_terms(self.product_terms(spec, updates, w))
             adapter[spec.b_key] = server.adapter[spec.b_key].new_zeros(server.adapter[spec.b_key].shape)
-        return AggregateResult(adapter=adapter, base_delta=merged, base_delta_wire_bytes=wire)
+        return AggregateResult(adapter=adapter, base_delta=merged)

@@ -32,6 +32,8 @@ class RoLoRA(FedMethod):
     paper = "Chen et al., arXiv:2409.02346"
     up = "B (even rounds) or A (odd rounds), heads"
     down = "A, B, heads"
+    bytes_up = "m*r (even rounds) or r*n (odd rounds) + heads"
+    bytes_down = "r(m+n) + heads"
     default_weighting = "num_examples"
 
     def trained_keys(self, rnd: int) -> tuple[str, ...]:
@@ -41,7 +43,7 @@ class RoLoRA(FedMethod):
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         keys = self.trained_keys(rnd)
         download = subset(server.adapter, self.layout.all_keys)
-        return ClientPlan(rnd, client_id, download, frozenset(keys), keys)
+        return self.make_plan(rnd, client_id, server, download=download, upload_keys=keys)
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         w = self.weights(updates)

@@ -182,3 +182,20 @@ def wrap_lora(
         return get_peft_model(model, cfg)
     except ValueError as e:
         raise ModelError(f"cannot apply LoRA to target modules {targets}: {e}") from None
+
+
+def add_named_adapter(model: torch.nn.Module, name: str, *, seed: int) -> None:
+    """Add a second LoRA adapter ``name`` with the default adapter's settings but no task head (the head stays with
+    the default adapter); its init is drawn from ``seed``. It starts inactive."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    base_cfg = model.peft_config["default"]  # type: ignore[index]
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    kwargs = {k: v for k, v in base_cfg.to_dict().items() if k in fields}
+    kwargs.update(modules_to_save=None, task_type=None)
+    for k in ("peft_type", "base_model_name_or_path", "revision", "inference_mode"):
+        kwargs.pop(k, None)
+    torch.manual_seed(seed)
+    model.add_adapter(name, LoraConfig(**kwargs))  # type: ignore[operator]
