@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import pytest
 import torch
 from helpers import HEAD, random_state
 
