@@ -61,15 +61,49 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(flags, base=cfg) if flags else cfg
 
 
-def _methods() -> int:
+def _methods(name: str | None = None) -> int:
     from fedlora.methods import get_method_class, method_ids
 
+    if name:
+        return _method_detail(get_method_class(name))
     rows = [get_method_class(m).describe() for m in method_ids()]
-    cols = ["id", "family", "paper", "weighting", "up", "down"]
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        groups.setdefault(r["family"].split(" (")[0], []).append(r)
+    cols = ["id", "family", "paper", "weighting", "bytes_up", "bytes_down"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    for group in sorted(groups):
+        print(f"-- {group}")
+        for r in groups[group]:
+            print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    print("\nbytes per adapted module: m = out features, n = in features, r = rank (r_k: client k's), K = clients")
+    print("in the round; heads = trainable task head. `fedlora methods ID` shows one method in full.")
+    return 0
+
+
+def _method_detail(cls: type) -> int:
+    import inspect
+
+    from fedlora.methods import describe_options
+
+    d = cls.describe()
+    print(f"{d['id']}" + (f"  (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""))
+    for key in ("family", "paper", "weighting", "up", "down", "bytes_up", "bytes_down"):
+        print(f"  {key:<11} {d[key]}")
+    flags = [
+        f for f in ("changes_base", "has_personal_state", "has_global_model", "supports_mixed_ranks") if getattr(cls, f)
+    ]
+    print(f"  {'traits':<11} {', '.join(flags) or '-'}")
+    if cls.extra_adapters:
+        print(f"  {'adapters':<11} default + {', '.join(cls.extra_adapters)}")
+    opts = describe_options(cls)
+    print("\noptions (--method-option KEY=VALUE):" if opts else "\noptions: none")
+    for o in opts:
+        extra = f"; one of {', '.join(map(str, o['choices']))}" if o["choices"] else ""
+        print(f"  {o['name']} ({o['type']}, default {o['default']!r}{extra})\n      {o['help']}")
+    doc = inspect.getmodule(cls).__doc__ or ""
+    print("\n" + doc.strip())
     return 0
 
 
@@ -77,10 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
-    sub.add_parser("methods", help="list the federated methods: id, family, paper, what travels up and down")
+    mp = sub.add_parser("methods", help="list the federated methods: id, family, paper, bytes up and down")
+    mp.add_argument("id", nargs="?", help="show one method in full: paper, what travels, options, formulas")
     args = parser.parse_args(argv)
     if args.command == "methods":
-        return _methods()
+        try:
+            return _methods(args.id)
+        except ValueError as e:
+            print(f"fedlora: error: {e}", file=sys.stderr)
+            return 2
 
     import logging
 
