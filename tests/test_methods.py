@@ -234,3 +234,104 @@ def test_flora_redraws_every_round(layout, gen) -> None:
     assert not torch.equal(r0, r1)
     other_seed = build_method("flora", layout, seed=8)
     assert not torch.equal(other_seed.start_state(other_seed.plan(0, 1, server), initial, None)[a], r0)
+
+
+def _mixed_updates(layout: LoraLayout, gen: torch.Generator, ranks=(1, 2, 2), sizes=(10, 30, 60)):
+    """Clients of different ranks with their own scales (constant alpha: s_k = alpha/r_k), unequal sizes."""
+    from fedlora.methods import ModuleRank
+
+    ups = []
+    for k, (r, n) in enumerate(zip(ranks, sizes, strict=True)):
+        st, rk = {}, {}
+        for spec in layout.modules:
+            rr = min(r, spec.rank)
+            st[spec.a_key] = torch.randn(rr, spec.in_features, generator=gen)
+            st[spec.b_key] = torch.randn(spec.out_features, rr, generator=gen)
+            rk[spec.name] = ModuleRank(rr, spec.scaling(rr))
+        st[HEAD] = torch.randn(3, 5, generator=gen)
+        ups.append(ClientUpdate(k, st, num_examples=n, samples_seen=n, ranks=rk))
+    return ups
+
+
+def _ideal_own_scale(layout, updates, p):
+    return {
+        spec.name: sum(
+            pk * u.ranks[spec.name].scale * u.state[spec.b_key] @ u.state[spec.a_key]
+            for pk, u in zip(p, updates, strict=True)
+        )
+        for spec in layout.modules
+    }
+
+
+def test_fedex_lora_exact_under_num_examples_and_averages_heads(layout, updates, gen) -> None:
+    m = build_method("fedex_lora", layout, weighting="num_examples")
+    server = m.init_server(random_state(layout, gen))
+    res = m.aggregate(0, server, updates)
+    p = P_NUM.tolist()
+    ideal = _ideal(layout, updates, p)
+    torch.testing.assert_close(res.adapter[HEAD], _wsum(updates, HEAD, p))
+    for spec in layout.modules:
+        a_bar, b_bar = res.adapter[spec.a_key], res.adapter[spec.b_key]
+        torch.testing.assert_close(b_bar, _wsum(updates, spec.b_key, p))
+        torch.testing.assert_close(res.base_delta[spec.name] + spec.scaling() * b_bar @ a_bar, ideal[spec.name])
+
+
+def test_flora_exact_with_mixed_ranks_and_own_scales(layout, gen) -> None:
+    ups = _mixed_updates(layout, gen)
+    m = build_method("flora", layout, client_ranks=(1, 2, 2), num_clients=3)
+    res = m.aggregate(0, m.init_server(random_state(layout, gen)), ups)
+    ideal = _ideal_own_scale(layout, ups, P_NUM.tolist())
+    for spec in layout.modules:
+        b_stack, a_stack = res.base_delta[spec.name]
+        assert a_stack.shape[0] == sum(u.state[spec.a_key].shape[0] for u in ups)
+        torch.testing.assert_close(b_stack @ a_stack, ideal[spec.name], rtol=1e-5, atol=1e-5)
+
+
+def test_flexlora_mixed_ranks_and_heads(layout, gen) -> None:
+    ups = _mixed_updates(layout, gen)
+    m = build_method("flexlora", layout, client_ranks=(1, 2, 2), num_clients=3)
+    server = m.init_server(random_state(layout, gen))
+    res = m.aggregate(0, server, ups)
+    p = P_NUM.tolist()
+    torch.testing.assert_close(res.adapter[HEAD], _wsum(ups, HEAD, p))
+    ideal = _ideal_own_scale(layout, ups, p)
+    server = dataclasses.replace(server, adapter=res.adapter, round=1)
+    for cid in range(3):
+        plan = m.plan(1, cid, server)
+        for spec in layout.modules:
+            r = plan.ranks[spec.name].rank
+            assert r == (1, 2, 2)[cid]
+            a, b = plan.download[spec.a_key], plan.download[spec.b_key]
+            assert a.shape == (r, spec.in_features) and b.shape == (spec.out_features, r)
+            got = plan.ranks[spec.name].scale * b @ a
+            torch.testing.assert_close(got, dense_svd(ideal[spec.name]).dense(r), atol=1e-4, rtol=1e-4)
+
+
+def test_fedsa_lora_shares_the_head_when_local_head_is_false(layout, gen) -> None:
+    m = build_method("fedsa_lora", layout, options={"local_head": "false"})
+    initial = random_state(layout, gen)
+    server = m.init_server(initial)
+    plan = m.plan(0, 0, server)
+    assert set(plan.download) == set(layout.a_keys + (HEAD,)) and set(plan.upload) == set(plan.download)
+    upload, keep = m.finish(plan, random_state(layout, gen), None, STATS)
+    assert HEAD in upload and HEAD not in keep and set(keep) == set(layout.b_keys)
+    ups = [
+        ClientUpdate(k, {key: random_state(layout, gen)[key] for key in plan.upload}, n, n)
+        for k, n in enumerate((10, 30, 60))
+    ]
+    res = m.aggregate(0, server, ups)
+    torch.testing.assert_close(res.adapter[HEAD], _wsum(ups, HEAD, P_NUM.tolist()))
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_flora_fresh_factors_honour_init_lora_weights(layout, gen, init: str) -> None:
+    from fedlora.adapters import fresh_lora_factors
+
+    m = build_method("flora", layout, seed=3, init_lora_weights=init)
+    initial = random_state(layout, gen)
+    plan = m.plan(2, 1, m.init_server(initial))
+    start = m.start_state(plan, initial, None)
+    g = torch.Generator().manual_seed(plan.reinit_seed)
+    for spec in layout.modules:
+        a, b = fresh_lora_factors(spec.out_features, spec.in_features, spec.rank, g, init=init)
+        assert torch.equal(start[spec.a_key], a) and torch.equal(start[spec.b_key], b)
