@@ -37,17 +37,13 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _method_options(items: Sequence[str]) -> dict[str, object]:
-    import json
-
+    """``KEY=VALUE`` pairs; values stay strings and are parsed to each option's declared type by the method."""
     out: dict[str, object] = {}
     for item in items:
-        if "=" not in item:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"--method-option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = value
     return out
 
 

@@ -39,9 +39,9 @@ def _opt(
 
 
 def _method_choices() -> list[str]:
-    from fedlora.methods import method_ids
+    from fedlora.methods import get_method_class, method_ids
 
-    return method_ids()
+    return method_ids() + sorted(a for m in method_ids() for a in get_method_class(m).aliases)
 
 
 @dataclass(frozen=True)
