@@ -1,7 +1,8 @@
 """Client objectives: how a method shapes local training without touching the training loop.
 
 The loop (:func:`fedlora.client.train.train_local`) computes the task loss, adds :meth:`Objective.loss`, calls
-``backward``, lets :meth:`Objective.after_backward` correct the gradients, clips, and steps. Which tensors train is
+``backward``, lets :meth:`Objective.after_backward` correct the gradients, clips, steps, and lets
+:meth:`Objective.after_step` move the parameters (without gradient). Which tensors train is
 the plan's business (:class:`fedlora.methods.base.Stage`). The hooks receive the client's tensors at the client's
 rank, keyed like the adapter state: ``params`` are differentiable views (fresh each step), ``grads`` are views of
 the gradients that may be changed in place.
@@ -24,6 +25,10 @@ class Objective:
     def after_backward(self, grads: Mapping[str, torch.Tensor]) -> None:
         """Correct the gradients in place after ``backward`` and before clipping and the optimiser step."""
 
+    def after_step(self, params: Mapping[str, torch.Tensor], lr: float) -> None:
+        """Change the parameters in place after the optimiser step (``lr``: the local learning rate); runs under
+        ``torch.no_grad``."""
+
 
 class Combined(Objective):
     """Several objectives: their loss terms add up, their gradient corrections apply in order."""
@@ -38,6 +43,10 @@ class Combined(Objective):
     def after_backward(self, grads: Mapping[str, torch.Tensor]) -> None:
         for p in self.parts:
             p.after_backward(grads)
+
+    def after_step(self, params: Mapping[str, torch.Tensor], lr: float) -> None:
+        for p in self.parts:
+            p.after_step(params, lr)
 
 
 class ProximalTerm(Objective):
@@ -60,12 +69,24 @@ class ProximalTerm(Objective):
 
 
 class GradientShift(Objective):
-    """``g ← g + shift`` per key (SCAFFOLD's control-variate correction ``c − c_i``)."""
+    """SCAFFOLD's control-variate correction ``c − c_i`` per key, on the gradient (``g ← g + shift``, the paper's SGD
+    form) or, with ``after_step=True``, on the parameters after each optimiser step (``θ ← θ − lr·shift``, the form
+    OpenFedLLM uses with AdamW; identical to the first under plain SGD without clipping)."""
 
-    def __init__(self, shift: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, shift: Mapping[str, torch.Tensor], *, after_step: bool = False) -> None:
         self.shift = {k: v.detach() for k, v in shift.items()}
+        self.on_params = after_step
 
     def after_backward(self, grads: Mapping[str, torch.Tensor]) -> None:
+        if self.on_params:
+            return
         for key, s in self.shift.items():
             if key in grads:
                 grads[key].add_(s.to(grads[key].dtype))
+
+    def after_step(self, params: Mapping[str, torch.Tensor], lr: float) -> None:
+        if not self.on_params:
+            return
+        for key, s in self.shift.items():
+            if key in params:
+                params[key].sub_(lr * s.to(params[key].dtype))

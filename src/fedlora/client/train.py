@@ -93,6 +93,9 @@ def train_local(
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             opt.step()
+            if objective is not None and views is not None:
+                with torch.no_grad():
+                    objective.after_step(views(), settings.lr)
             steps += 1
             seen += len(index)
             loss_sum += loss.item() * len(index)
