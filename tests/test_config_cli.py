@@ -34,7 +34,7 @@ def test_defaults_are_valid_and_resolve() -> None:
         ({"clients_per_round": 2, "client_fraction": 0.5}, "either clients_per_round or client_fraction"),
         ({"method": "fedit", "method_options": {"local_head": False}}, "'local_head' is not an option of fedit"),
         ({"progress": "maybe"}, "progress='maybe' is not a valid bool"),
-        ({"alpha_rule": "linear"}, "alpha_rule='linear' is not allowed; allowed values: constant, proportional"),
+        ({"alpha_rule": "linear"}, "alpha_rule='linear' is not allowed; allowed values: auto, constant, proportional"),
         ({"method": "fedsa_lora", "method_options": {"local_head": "nope"}}, "local_head='nope' is not a boolean"),
         ({"method": "fedsa_lora", "method_options": {"local_hed": True}}, "'local_hed' is not an option of fedsa_lora"),
         ({"client_ranks": "2,4,8"}, "fedit trains one rank for all clients; mixed ranks need one of: flexlora, flora"),
@@ -128,6 +128,10 @@ def test_cli_method_detail_and_typed_method_options(capsys) -> None:
     assert main(["run", "--method", "fedsa_lora", "--method-option", "head=true"]) == 2
     assert "'head' is not an option of fedsa_lora; allowed: local_head" in capsys.readouterr().err
     assert resolve_config(RunConfig(method="fedavg_lora")).method == "fedit"  # the documented alias
+    # alpha_rule=auto: factor-averaging methods of mixed ranks prefer one scale for every rank
+    assert resolve_config(RunConfig(method="hetlora", client_ranks="2,4")).alpha_rule == "proportional"
+    assert resolve_config(RunConfig(method="flora", client_ranks="2,4")).alpha_rule == "constant"
+    assert resolve_config(RunConfig(method="hetlora", alpha_rule="rslora")).alpha_rule == "rslora"
 
 
 def test_cli_rejects_bad_input_before_any_work(capsys, tmp_path) -> None:
@@ -183,6 +187,9 @@ def test_readme_documents_every_option_and_opens_with_two_commands() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert options_table.table() in readme, "README options table is stale: run scripts/options_table.py --write"
+    assert options_table.methods_table() in readme, (
+        "README methods table is stale: run scripts/options_table.py --write"
+    )
     blocks = readme.split("```bash\n")[1:3]
     commands = [b.split("\n```", 1)[0].strip() for b in blocks]
     assert commands == [

@@ -64,6 +64,8 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         changes["method"] = cls.id
     if cfg.weighting == "auto":
         changes["weighting"] = cls.default_weighting
+    if cfg.alpha_rule == "auto":
+        changes["alpha_rule"] = cls.preferred_alpha_rule
     full = dataclasses.asdict(parse_options(cls, cfg.method_options))
     if full != cfg.method_options:
         changes["method_options"] = full
@@ -104,6 +106,9 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
     """Load data and model, wrap LoRA, build the method and the local engine (no training)."""
     from fedlora.data import label_histogram, prepare_federated_data
     from fedlora.models import load_tokenizer, wrap_lora
+
+    if cfg.alpha_rule == "auto" or cfg.weighting == "auto":
+        raise ConfigError("build() takes a resolved configuration: call fedlora.api.resolve_config first")
 
     data = prepare_federated_data(
         cfg.dataset,

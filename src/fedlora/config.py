@@ -81,11 +81,12 @@ class RunConfig:
     lora_r: int = _opt(8, "LoRA rank of the global adapter (the largest client rank)", int, minimum=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha; a client of rank r_k gets the scale alpha_rule says", float, minimum=0)
     alpha_rule: str = _opt(
-        "constant",
+        "auto",
         "scale of a rank-r_k client: constant (alpha/r_k), proportional (alpha_k = alpha*r_k/lora_r, so "
-        "alpha/lora_r for all), rslora (alpha/sqrt(r_k))",
+        "alpha/lora_r for all), rslora (alpha/sqrt(r_k)); auto: the method's preference (proportional for methods "
+        "that average factors of different ranks), else constant",
         str,
-        choices=("constant", "proportional", "rslora"),
+        choices=("auto", "constant", "proportional", "rslora"),
     )
     client_ranks: str | None = _opt(
         None,

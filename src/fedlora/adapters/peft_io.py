@@ -18,6 +18,7 @@ from fedlora.adapters.state import (
     AdapterState,
     LoraLayout,
     namespaced,
+    slice_to_rank,
     to_base_layout,
 )
 
@@ -108,15 +109,7 @@ class AdapterSlots:
     ) -> torch.Tensor:
         """The live tensor of ``key`` (differentiable; or ``tensor`` laid out like it, e.g. its gradient), cut to
         the client's rank when ``ranks`` has its module."""
-        param = self.params[key] if tensor is None else tensor
-        if ranks:
-            for suffix, dim in ((LORA_A_SUFFIX, 0), (LORA_B_SUFFIX, 1)):
-                if key.endswith(suffix):
-                    mr = ranks.get(key[: -len(suffix)])
-                    r = getattr(mr, "rank", None)
-                    if r is not None and r < param.shape[dim]:
-                        return param[:r] if dim == 0 else param[:, :r]
-        return param
+        return slice_to_rank(key, self.params[key] if tensor is None else tensor, ranks)
 
     def set_trainable(self, keys: Iterable[str]) -> list[torch.nn.Parameter]:
         """Make exactly ``keys`` trainable among the adapter tensors; return those parameters."""

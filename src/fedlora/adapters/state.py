@@ -167,6 +167,18 @@ class LoraLayout:
         return cls(modules=tuple(specs), other_keys=other)
 
 
+def slice_to_rank(key: str, value: torch.Tensor, ranks: Mapping[str, object] | None) -> torch.Tensor:
+    """``value`` cut to a client's rank when ``key`` is a LoRA factor of a module in ``ranks`` (anything with a
+    ``rank``): the first rows of A, the first columns of B; other keys and full-rank factors unchanged (a view)."""
+    if ranks:
+        for suffix, dim in ((LORA_A_SUFFIX, 0), (LORA_B_SUFFIX, 1)):
+            if key.endswith(suffix):
+                r = getattr(ranks.get(key[: -len(suffix)]), "rank", None)
+                if r is not None and r < value.shape[dim]:
+                    return value[:r] if dim == 0 else value[:, :r]
+    return value
+
+
 def factors(state: Mapping[str, torch.Tensor], spec: LoraModuleSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of ``spec`` in ``state``."""
     return state[spec.a_key], state[spec.b_key]

@@ -43,6 +43,7 @@ from fedlora.adapters.state import (
     LoraModuleSpec,
     clone_state,
     namespaced,
+    slice_to_rank,
     subset,
     weighted_mean,
 )
@@ -347,6 +348,9 @@ class FedMethod(ABC):
     """Clients keep state between rounds (held by the engine), and are scored on their own test splits."""
     has_global_model: ClassVar[bool] = True
     supports_mixed_ranks: ClassVar[bool] = False
+    preferred_alpha_rule: ClassVar[str] = "constant"
+    """The alpha rule ``alpha_rule="auto"`` resolves to: methods that average factors of different ranks prefer
+    ``proportional`` (every rank slot then means the same at every client)."""
     extra_adapters: ClassVar[tuple[str, ...]] = ()
     """Namespaces of further adapters every client holds besides the default one (e.g. FedDPA's ``local``)."""
     Options: ClassVar[type] = NoOptions
@@ -547,17 +551,6 @@ class FedMethod(ABC):
             "bytes_up": cls.bytes_up,
             "bytes_down": cls.bytes_down,
         }
-
-
-def slice_to_rank(key: str, value: torch.Tensor, ranks: Mapping[str, ModuleRank]) -> torch.Tensor:
-    """``value`` cut to the client's rank when ``key`` is a LoRA factor of a module in ``ranks``."""
-    if key.endswith(LORA_A_SUFFIX):
-        mr = ranks.get(key[: -len(LORA_A_SUFFIX)])
-        return value[: mr.rank] if mr is not None and value.shape[0] > mr.rank else value
-    if key.endswith(LORA_B_SUFFIX):
-        mr = ranks.get(key[: -len(LORA_B_SUFFIX)])
-        return value[:, : mr.rank] if mr is not None and value.shape[1] > mr.rank else value
-    return value
 
 
 _REGISTRY: dict[str, type[FedMethod]] = {}
