@@ -186,6 +186,11 @@ class RunConfig:
                     f"client_ranks: rank {max(ranks)} exceeds lora_r={self.lora_r} (the global adapter's rank); "
                     f"raise --lora-r to at least {max(ranks)}"
                 )
+            if not cls.supports_mixed_ranks and len(set(ranks)) == 1 and ranks[0] != self.lora_r:
+                raise ConfigError(
+                    f"client_ranks: {self.method} trains every client at the global rank; "
+                    f"set --lora-r {ranks[0]} instead of client_ranks"
+                )
             if len(set(ranks)) > 1 and not cls.supports_mixed_ranks:
                 from fedlora.methods import method_ids
 

@@ -368,6 +368,11 @@ class FedMethod(ABC):
             for spec in ctx.layout.modules:
                 if not 1 <= r <= spec.rank:
                     raise ValueError(f"client rank {r} is outside 1..{spec.rank} (the global rank lora_r)")
+                if r != spec.rank and not self.supports_mixed_ranks:
+                    raise ValueError(
+                        f"{self.id} trains every client at the global rank; client rank {r} != lora_r {spec.rank} "
+                        "(set lora_r instead of client_ranks)"
+                    )
         self.ctx = ctx
         self.layout = ctx.layout
         self.weighting = weighting

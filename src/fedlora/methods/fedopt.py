@@ -50,7 +50,6 @@ from fedlora.methods.base import (
     AggregateResult,
     ClientUpdate,
     FedMethod,
-    MethodContext,
     ServerState,
     option,
     register_method,
@@ -118,16 +117,6 @@ class ServerOptimizer(FedMethod):
     bytes_up = "r(m+n) + heads"
     bytes_down = "r(m+n) + heads"
     state_namespaces: ClassVar[tuple[str, ...]] = (M_NS,)
-
-    def __init__(self, ctx: MethodContext, options: object = None) -> None:
-        super().__init__(ctx, options)
-        for r in ctx.client_ranks:
-            for spec in ctx.layout.modules:
-                if r != spec.rank:
-                    raise ValueError(
-                        f"{self.id} keeps its optimiser state at the global rank; client rank {r} != lora_r "
-                        f"{spec.rank} (set lora_r instead of client_ranks)"
-                    )
 
     def optimised_keys(self) -> tuple[str, ...]:
         """T: the tensors clients train and share (FedIT's set: every A and B, and the heads)."""

@@ -43,7 +43,6 @@ from fedlora.methods.base import (
     ClientPlan,
     ClientUpdate,
     FedMethod,
-    MethodContext,
     ServerState,
     TensorSpec,
     TrainStats,
@@ -81,16 +80,6 @@ class Scaffold(FedMethod):
     bytes_down = "2r(m+n) + 2 heads"
     default_weighting = "uniform"
     Options = ScaffoldOptions
-
-    def __init__(self, ctx: MethodContext, options: object = None) -> None:
-        super().__init__(ctx, options)
-        for r in ctx.client_ranks:
-            for spec in ctx.layout.modules:
-                if r != spec.rank:
-                    raise ValueError(
-                        f"scaffold keeps control variates at the global rank; client rank {r} != lora_r {spec.rank} "
-                        "(set lora_r instead of client_ranks)"
-                    )
 
     def optimised_keys(self) -> tuple[str, ...]:
         """T: every A and B, and the heads."""
