@@ -233,3 +233,20 @@ def test_fedsa_clients_start_from_their_own_b(tiny_bert: str, tmp_path) -> None:
     engine.train([method.plan(3, 2, server)])
     engine.accept([])
     assert all(torch.equal(engine.personal[2][k], v) for k, v in before.items())
+
+
+def test_codecs_in_a_real_run_count_encoded_bytes_and_still_learn(tiny_bert: str, tmp_path) -> None:
+    """int8 up, fp16 down for FedIT: the run learns, and the bytes are those of the encoded payloads."""
+    plain = run(tiny_config(tiny_bert, tmp_path, run_name="plain", rounds=3))
+    coded = run(
+        tiny_config(tiny_bert, tmp_path, run_name="coded", rounds=3, upload_codec="int8", download_codec="fp16")
+    )
+    setup = build(resolve_config(coded.config))
+    tensors = len(setup.layout.all_keys)
+    for p, c in zip(plain.history, coded.history, strict=True):
+        # int8: 1 byte per value + a 4-byte scale per tensor (vs 4 bytes per value); fp16: 2 bytes per value
+        values = p["bytes_up"] // 4
+        assert c["bytes_up"] == values + 4 * tensors * len(c["clients"])
+        assert c["bytes_down"] == p["bytes_down"] // 2
+    assert coded.final["global_accuracy"] > LEARN_BOUND
+    assert abs(coded.final["global_accuracy"] - plain.final["global_accuracy"]) < 0.1
