@@ -30,3 +30,24 @@ LORA_KW = dict(
     seed=0,
 )
 """Arguments of ``fedlora.models.loading.wrap_lora`` for the tiny test models."""
+
+
+def tiny_config(model: str, tmp_path, **kw):
+    """A run on a tiny test model: 4 clients, Dirichlet(1.0), 5 rounds of 2 local epochs, 100 examples per label,
+    no progress bar, one thread; ``kw`` overrides any option."""
+    from fedlora import RunConfig
+
+    base = dict(
+        model=model,
+        clients=4,
+        rounds=5,
+        max_examples_per_label=100,
+        local_epochs=2,
+        partition="dirichlet:1.0",
+        global_test_fraction=0.2,
+        progress=False,
+        out_dir=str(tmp_path),
+        threads=1,
+    )
+    base.update(kw)
+    return RunConfig(**base)

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_config
 from method_cases import learning_cases, score_key
 
-from fedlora import RunConfig, load_trained, run
+from fedlora import load_trained, run
 from fedlora.adapters.peft_io import AdapterSlots, base_weights
 from fedlora.adapters.state import delta_weight
 from fedlora.api import build, resolve_config
@@ -17,23 +18,6 @@ from fedlora.federation.round import run_round
 from fedlora.methods import get_method_class
 
 LEARN_BOUND = 0.30  # accuracy after 5 rounds; chance is 1/8 = 0.125
-
-
-def tiny_config(model: str, tmp_path, **kw) -> RunConfig:
-    base = dict(
-        model=model,
-        clients=4,
-        rounds=5,
-        max_examples_per_label=100,
-        local_epochs=2,
-        partition="dirichlet:1.0",
-        global_test_fraction=0.2,
-        progress=False,
-        out_dir=str(tmp_path),
-        threads=1,
-    )
-    base.update(kw)
-    return RunConfig(**base)
 
 
 @pytest.mark.parametrize(

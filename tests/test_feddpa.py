@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import random_state
+from helpers import random_state, tiny_config
 
 import fedlora.client.train as client_train
 from fedlora import RunConfig, load_trained, resume, run
@@ -155,21 +155,9 @@ def test_feddpa_local_init(layout, gen) -> None:
 
 # ------------------------------------------------------------------------------------------ real peft model
 def _tiny(model: str, tmp_path, **kw) -> RunConfig:
-    base = dict(
-        model=model,
-        method="feddpa",
-        clients=4,
-        rounds=2,
-        max_examples_per_label=20,
-        local_epochs=1,
-        partition="dirichlet:1.0",
-        global_test_fraction=0.2,
-        progress=False,
-        out_dir=str(tmp_path),
-        threads=1,
+    return tiny_config(
+        model, tmp_path, **{"method": "feddpa", "rounds": 2, "max_examples_per_label": 20, "local_epochs": 1, **kw}
     )
-    base.update(kw)
-    return RunConfig(**base)
 
 
 @pytest.mark.invariant("feddpa")

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import HEAD
+from helpers import HEAD, tiny_config
 
 from fedlora.adapters import LoraLayout, LoraModuleSpec, dense_svd
 from fedlora.federation.round import decode_reply
@@ -400,26 +400,10 @@ def test_flora_mixed_ranks_stack_with_each_clients_scale(hlayout, gen) -> None:
 
 # ============================================================================================ real tiny model
 def _mixed_config(model: str, tmp_path, **kw):
-    from fedlora import RunConfig
     from fedlora.api import resolve_config
 
-    base = dict(
-        model=model,
-        clients=3,
-        client_ranks="list:2,4,6",
-        lora_r=6,
-        lora_alpha=12.0,
-        rounds=2,
-        max_examples_per_label=20,
-        local_epochs=1,
-        partition="dirichlet:1.0",
-        global_test_fraction=0.2,
-        progress=False,
-        out_dir=str(tmp_path),
-        threads=1,
-    )
-    base.update(kw)
-    return resolve_config(RunConfig(**base))
+    base = dict(client_ranks="list:2,4,6", clients=3, lora_r=6, lora_alpha=12.0, rounds=2, max_examples_per_label=20)
+    return resolve_config(tiny_config(model, tmp_path, **{**base, "local_epochs": 1, **kw}))
 
 
 def _hand_scale(rule: str, r: int, alpha: float = 12.0, global_r: int = 6) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_config
 from method_cases import E2E_OVERRIDES
 
 from fedlora import RunConfig, resume, run
@@ -15,8 +16,9 @@ from fedlora.runs import RunDir
 
 
 def _config(model: str, tmp_path, method: str, name: str) -> RunConfig:
-    return RunConfig(
-        model=model,
+    return tiny_config(
+        model,
+        tmp_path,
         method=method,
         clients=3,
         clients_per_round=2,  # partial participation: stale clients, base versions, kept state of absent clients
@@ -25,11 +27,7 @@ def _config(model: str, tmp_path, method: str, name: str) -> RunConfig:
         local_steps=2,
         batch_size=8,
         partition="iid",
-        global_test_fraction=0.2,
-        progress=False,
-        out_dir=str(tmp_path),
         run_name=name,
-        threads=1,
         **E2E_OVERRIDES.get(method, {}),
     )
 
