@@ -39,6 +39,7 @@ the global rank is optimised: uniform client ranks below ``lora_r`` are refused 
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -136,12 +137,12 @@ class ServerOptimizer(FedMethod):
                 )
         return dataclasses.replace(server, tensors=tensors, meta={**server.meta, STEPS: 0})
 
+    @abstractmethod
     def step(
         self, delta: torch.Tensor, state: dict[str, torch.Tensor], t: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One server step on one tensor: ``(change of θ, new state)`` from the pseudo-gradient ``delta``, the state
         (``{namespace: tensor}``) and the number ``t`` of steps taken before this one."""
-        raise NotImplementedError
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         w = self.weights(updates)
@@ -196,9 +197,9 @@ class AdaptiveServerOptimizer(ServerOptimizer):
         o = self.options
         return o.tau**2 if o.initial_v is None else o.initial_v
 
+    @abstractmethod
     def second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         """The new ``v`` from the previous one and this step's square (``Δ_t²``, or ``m_t²`` for OpenFedLLM)."""
-        raise NotImplementedError
 
     def step(
         self, delta: torch.Tensor, state: dict[str, torch.Tensor], t: int
