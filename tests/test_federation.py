@@ -143,3 +143,17 @@ def test_validate_update_rejects_wrong_client(layout, gen) -> None:
     assert "client 4" in validate_update(u, plan)
     assert validate_update(dataclasses.replace(u, client_id=3), plan) is None
     assert "num_examples=0" in validate_update(dataclasses.replace(u, client_id=3, num_examples=0), plan)
+
+
+def test_reported_losses_are_display_only_and_cannot_crash_the_round(layout, gen) -> None:
+    method = build_method("fedit", layout)
+    server = method.init_server(random_state(layout, gen))
+    good = _reply_from(layout, gen)
+
+    def replies(plan):
+        u = good(plan)
+        metrics = {0: {"train_loss": 2.0}, 1: {"train_loss": "lots"}, 2: {"train_loss": float("nan")}}[plan.client_id]
+        return dataclasses.replace(u, metrics=metrics)
+
+    _, report = run_round(0, method, server, FakeRuntime(replies), clients=[0, 1, 2])
+    assert report.accepted == [0, 1, 2] and report.train_loss == 2.0

@@ -202,6 +202,15 @@ def validate_update(update: ClientUpdate | Exception, plan: ClientPlan) -> str |
     return out if isinstance(out, str) else None
 
 
+def _reported_loss(update: ClientUpdate) -> float:
+    """The client's reported training loss, or NaN when it reported none or nonsense (it is only displayed)."""
+    try:
+        value = float(update.metrics.get("train_loss", math.nan)) if isinstance(update.metrics, Mapping) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
 def _finite(state: Mapping[str, torch.Tensor]) -> str | None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -270,10 +279,10 @@ def run_round(
         server = replace(server, round=rnd + 1)
     runtime.accept([u.client_id for u in accepted])
     metrics = {**agg_metrics, **runtime.evaluate(server)}
-    seen = sum(u.samples_seen for u in accepted)
-    train_loss = (
-        sum(float(u.metrics.get("train_loss", 0.0)) * u.samples_seen for u in accepted) / seen if seen else float("nan")
-    )
+    losses = [(_reported_loss(u), u.samples_seen) for u in accepted]
+    losses = [(v, n) for v, n in losses if math.isfinite(v)]
+    seen = sum(n for _, n in losses)
+    train_loss = sum(v * n for v, n in losses) / seen if seen else float("nan")
     report = RoundReport(
         round=rnd,
         sampled=list(clients),
