@@ -9,6 +9,7 @@ weights (FedEx-LoRA's residual, FLoRA's merge) also lives here, with the Conv1D 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,11 @@ from fedlora.adapters.state import (
     slice_to_rank,
     to_base_layout,
 )
+
+
+@dataclass(frozen=True)
+class _Rank:
+    rank: int
 
 
 class AdapterSlots:
@@ -75,25 +81,16 @@ class AdapterSlots:
                 if param is None:
                     raise KeyError(f"adapter key {key!r} is not in the model")
                 if param.shape != value.shape:
-                    if (
-                        key.endswith(LORA_A_SUFFIX)
-                        and value.dim() == 2
-                        and value.shape[0] < param.shape[0]
-                        and value.shape[1] == param.shape[1]
-                    ):
-                        param.zero_()
-                        param[: value.shape[0]].copy_(value)
-                        continue
-                    if (
-                        key.endswith(LORA_B_SUFFIX)
-                        and value.dim() == 2
-                        and value.shape[1] < param.shape[1]
-                        and value.shape[0] == param.shape[0]
-                    ):
-                        param.zero_()
-                        param[:, : value.shape[1]].copy_(value)
-                        continue
-                    raise ValueError(f"{key}: model has shape {tuple(param.shape)}, state {tuple(value.shape)}")
+                    # a lower-rank LoRA factor: zero the whole slot, then fill its first rows (A) / columns (B)
+                    target = param
+                    if value.dim() == 2 and param.dim() == 2:
+                        rank = value.shape[0] if key.endswith(LORA_A_SUFFIX) else value.shape[1]
+                        target = slice_to_rank(key, param, {key.rsplit(".lora_", 1)[0]: _Rank(rank)})
+                    if target.shape != value.shape:
+                        raise ValueError(f"{key}: model has shape {tuple(param.shape)}, state {tuple(value.shape)}")
+                    param.zero_()
+                    target.copy_(value)
+                    continue
                 param.copy_(value)
 
     def read(self, keys: Iterable[str] | None = None, ranks: Mapping[str, object] | None = None) -> AdapterState:

@@ -183,10 +183,9 @@ def encode_state(
     """The payload of ``state`` (changes from ``reference`` for the keys the receiver holds)."""
     if codec.kind == "none":
         return dict(state)
-    delta = _delta_keys(state, reference)
-    assert reference is not None or not delta
-    prepared = {k: (v.float() - reference[k].float()) if k in delta else v for k, v in state.items()}  # type: ignore[index]
-    return codec.encode(prepared)
+    ref = reference or {}
+    delta = _delta_keys(state, ref)
+    return codec.encode({k: (v.float() - ref[k].float()) if k in delta else v for k, v in state.items()})
 
 
 def decode_state(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters.peft_io import AdapterSlots
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import LORA_A_SUFFIX, AdapterState
 from fedlora.client.codecs import encode_state, parse_codec
 from fedlora.client.objectives import Objective
 from fedlora.methods.base import ClientPlan, ClientUpdate, FedMethod, ModuleRank, TrainStats, derive_seed
@@ -160,7 +160,7 @@ def client_round(
     upload, keep = method.finish(plan, trained, personal, train_stats)
     reply_ranks = {}
     for name, mr in ranks.items():
-        a = upload.get(name + ".lora_A.weight")
+        a = upload.get(name + LORA_A_SUFFIX)
         reply_ranks[name] = ModuleRank(int(a.shape[0]) if a is not None else mr.rank, mr.scale)
     payload = encode_state(parse_codec(plan.upload_codec), upload, plan.download)
     update = ClientUpdate(

@@ -23,7 +23,7 @@ import torch
 
 from fedlora.adapters.peft_io import dense_delta
 from fedlora.adapters.state import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState
-from fedlora.client.codecs import CodecError, decode_state, encode_state, parse_codec, payload_bytes, roundtrip
+from fedlora.client.codecs import CodecError, decode_state, encode_state, parse_codec, payload_bytes
 from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, FedMethod, ServerState, derive_seed
 
 log = logging.getLogger("fedlora")
@@ -120,7 +120,10 @@ def prepare_plan(plan: ClientPlan, server: ServerState) -> tuple[ClientPlan, int
     codec = parse_codec(plan.download_codec)
     payload = encode_state(codec, plan.download)
     down = payload_bytes(payload) + (base.wire_bytes() if base is not None else 0)
-    download = plan.download if codec.kind == "none" else roundtrip(codec, plan.download)
+    download = plan.download
+    if codec.kind != "none":  # the client sees what it decodes from this very payload
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in plan.download.items()}
+        download = decode_state(codec, payload, specs)
     return replace(plan, download=download, base_update=base), down
 
 
