@@ -36,7 +36,7 @@ from flwr_datasets.partitioner import (
 )
 from flwr_datasets.partitioner import Partitioner as _FlwrPartitioner
 
-from fedlora.data.loading import DataError, load_table
+from fedlora.data.loading import DataError, check_columns, load_table
 
 __all__ = [
     "ClientData",
@@ -179,6 +179,7 @@ def prepare_federated_data(
         seed=seed,
         min_client_examples=min_client_examples,
     )
+    check_columns(text_column, label_column)
     kind, arg = parse_partition(partition)
     natural_column = arg if kind == "natural" else None
     assert natural_column is None or isinstance(natural_column, str)
@@ -198,8 +199,8 @@ def prepare_federated_data(
         wanted.append(natural_column)
     table = dataset.select_columns(wanted).with_format("arrow")[:]
 
-    table = _drop_missing(table, [text_column, label_column], source)
-    texts = _as_string_column(table.column(text_column), text_column)
+    table = _drop_unusable_rows(table, text_column, label_column, source)
+    texts = table.column(text_column)
     codes, label_names = _encode_labels(table.column(label_column), label_column, class_names)
     natural_ids = None
     if natural_column is not None:
@@ -208,6 +209,8 @@ def prepare_federated_data(
     keep = np.arange(len(codes))
     if labels is not None:
         codes, label_names, keep = _select_labels(codes, label_names, labels, label_column, source)
+    else:
+        _check_labels_are_classes(codes, label_names, label_column, source)
     if max_examples_per_label is not None:
         rng = np.random.default_rng([seed, _STREAM_SUBSAMPLE])
         keep = _cap_per_label(codes, keep, max_examples_per_label, rng)
@@ -314,34 +317,74 @@ def _client_test_size(n: int, fraction: float) -> int:
     return min(n, max(1, _round(fraction * n)))
 
 
-def _drop_missing(table: pa.Table, columns: list[str], source: str) -> pa.Table:
-    mask = None
-    for name in columns:
-        valid = pc.is_valid(table.column(name))
-        mask = valid if mask is None else pc.and_(mask, valid)
-    assert mask is not None
-    kept = table.filter(mask)
+def _drop_unusable_rows(table: pa.Table, text_column: str, label_column: str, source: str) -> pa.Table:
+    """Make the text column strings and drop (with a warning) the rows without a label or a non-blank text.
+
+    Raises:
+        DataError: a column is empty in every row, the text column does not hold text, or no row is left.
+    """
+    for role, name in (("text", text_column), ("label", label_column)):
+        column = table.column(name)
+        if column.null_count == len(column):
+            raise DataError(
+                f"The {role} column {name!r} of {source!r} is empty (null) in all {len(column)} rows. "
+                f"Check the file, or name another column with {role}_column=."
+            )
+    texts = _as_string_column(table.column(text_column), text_column, source)
+    table = table.set_column(table.column_names.index(text_column), text_column, texts)
+    has_label = pc.is_valid(table.column(label_column))
+    has_text = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0), False)
+    kept = table.filter(pc.and_(has_label, has_text))
     dropped = table.num_rows - kept.num_rows
     if dropped:
+        no_label = len(has_label) - pc.sum(has_label).as_py()
+        no_text = len(has_text) - pc.sum(has_text).as_py()
         warnings.warn(
-            f"Dropped {dropped} of {table.num_rows} rows of {source!r} with a missing {' or '.join(columns)}.",
+            f"Dropped {dropped} of {table.num_rows} rows of {source!r}: {no_label} without a {label_column!r} "
+            f"value, {no_text} with a missing or blank {text_column!r}.",
             stacklevel=3,
         )
     if kept.num_rows == 0:
-        raise DataError(f"{source!r} has no rows with both a {columns[0]!r} and a {columns[1]!r} value.")
+        raise DataError(
+            f"{source!r} has no rows with both a label in {label_column!r} and a non-blank text in {text_column!r}."
+        )
     return kept
 
 
-def _as_string_column(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+def _as_string_column(column: pa.ChunkedArray, name: str, source: str) -> pa.ChunkedArray:
     if pa.types.is_string(column.type):
         return column
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        what = "numbers"
+    elif pa.types.is_boolean(kind):
+        what = "booleans"
+    else:
+        what = None
+    if what is not None:
+        examples = ", ".join(map(repr, column.drop_null().slice(0, 3).to_pylist()))
+        raise DataError(
+            f"The text column {name!r} of {source!r} holds {what} ({kind}, e.g. {examples}), not text. "
+            "Name the column of texts with text_column= (--text-column)."
+        )
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(
-            f"Text column {name!r} has type {column.type}, which cannot be used as text; pick a column of "
-            "strings with text_column=."
+            f"Text column {name!r} of {source!r} has type {column.type}, which cannot be used as text; pick a "
+            "column of strings with text_column=."
         ) from exc
+
+
+def _check_labels_are_classes(codes: np.ndarray, names: list[str], column: str, source: str) -> None:
+    """Reject a label column with fewer than two rows per distinct value on average (a text or id column)."""
+    if len(names) > 2 and 2 * len(names) > len(codes):
+        shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+        raise DataError(
+            f"The label column {column!r} of {source!r} has {len(names)} distinct values in {len(codes)} rows "
+            f"({shown}): fewer than 2 examples per label, so there is nothing to learn. It looks like a text or "
+            "id column; name the column of class labels with label_column= (--label-column)."
+        )
 
 
 def _encode_labels(column: pa.ChunkedArray, name: str, class_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -350,6 +393,9 @@ def _encode_labels(column: pa.ChunkedArray, name: str, class_names: list[str] | 
     Integer labels are sorted numerically (so labels ``0..L-1`` keep their values) and shown as ``str(value)``
     (or as the ``ClassLabel`` name if the column has one); all other labels are compared as strings.
     """
+    integral = pa.types.is_floating(column.type) and pc.all(pc.is_finite(column)).as_py()
+    if integral and pc.all(pc.equal(pc.floor(column), column)).as_py():
+        column = pc.cast(column, pa.int64())  # 0.0, 1.0, ... (e.g. a CSV column with gaps): labels 0, 1, ...
     if pa.types.is_integer(column.type):
         values = column
     else:

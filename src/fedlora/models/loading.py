@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,6 +89,7 @@ def resolve_model(source: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{source!r} is a local path without config.json; give a Hugging Face model directory")
+        _check_json_file(path / "config.json", source)
         return str(path)
     if source.startswith((".", "/", "~")):
         raise ModelError(f"model directory {source!r} does not exist")
@@ -102,31 +106,265 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# Files holding a tokenizer's vocabulary (tokenizer_config.json and special_tokens_map.json alone are not enough).
+_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+_VOCAB_PATTERNS = ("*.model", "*.tiktoken", "vocab.*")
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.index.json")
+
+ORDINARY_TEXT: tuple[str, ...] = (
+    "The cat sat on the mat and looked out of the window.",
+    "She bought bread, milk and two apples at the market this morning.",
+    "A small river flows through the old town near the mountains.",
+    "The doctor told him to drink more water and to sleep longer.",
+    "We will meet at the station after work on Friday.",
+)
+"""Ordinary English sentences that any tokenizer of a text model must mostly know (see :func:`check_tokenizer`)."""
+
+
+def _check_json_file(file: Path, source: str) -> None:
+    """Raise :class:`ModelError` naming ``file`` (and the line) if it is not a JSON object."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{file} of model {source!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "the file is corrupt or truncated: replace it with an intact copy"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read {file} of model {source!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{file} of model {source!r} is not a JSON object (it is a {type(value).__name__})")
+
+
+def _files(directory: Path, names: Sequence[str] = (), patterns: Sequence[str] = ()) -> list[Path]:
+    found = {directory / n for n in names if (directory / n).is_file()}
+    found.update(f for pattern in patterns for f in directory.glob(pattern) if f.is_file())
+    return sorted(found)
+
+
+def _describe_dir(source: str, directory: Path) -> str:
+    """``model directory D`` plus the name the user gave, when it differs (e.g. 'default')."""
+    same = Path(source).expanduser() == directory
+    return f"model directory {directory}" + ("" if same else f" ({source!r})")
+
+
+def _short(error: BaseException, width: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text if len(text) <= width else text[:width] + '...'}"
+
+
+def _listing(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "nothing"
+
+
 def load_tokenizer(source: str):  # noqa: ANN201 - a transformers tokenizer
+    """The tokenizer of model ``source`` ('default', a directory or a hub id), checked on ordinary text.
+
+    Raises:
+        ModelError: a local directory has no tokenizer files or a corrupt one, the tokenizer cannot be loaded,
+            it has more tokens than the model's embedding, or it maps ordinary English text mostly to the
+            unknown token (see :func:`check_tokenizer`).
+    """
     from transformers import AutoTokenizer
 
     _quiet_transformers()
+    resolved = resolve_model(source)
+    directory = Path(resolved)
+    local = directory.is_dir()
+    if local:
+        if not _files(directory, _VOCAB_FILES, _VOCAB_PATTERNS):
+            raise ModelError(
+                f"{_describe_dir(source, directory)} has no tokenizer files: none of tokenizer.json, vocab.txt, "
+                "vocab.json + merges.txt or a SentencePiece *.model file (tokenizer_config.json alone is not "
+                f"enough). It holds: {_listing(directory)}. Save the tokenizer the model was trained with into "
+                "it, e.g. AutoTokenizer.from_pretrained(<original model>).save_pretrained(<this directory>)"
+            )
+        for name in _TOKENIZER_JSON_FILES:
+            if (directory / name).is_file():
+                _check_json_file(directory / name, source)
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(source))
-    except OSError as e:
-        raise ModelError(f"cannot load the tokenizer of {source!r}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except Exception as e:  # transformers/tokenizers raise many types for broken or missing files
+        where = f" from {', '.join(f.name for f in _files(directory, _VOCAB_FILES, _VOCAB_PATTERNS))}" if local else ""
+        raise ModelError(f"cannot load the tokenizer of {source!r}{where}: {_short(e)}") from None
+    _check_vocab_fits(tokenizer, resolved, source)
+    check_tokenizer(tokenizer, model=source)
+    return tokenizer
+
+
+def _check_vocab_fits(tokenizer: Any, resolved: str, source: str) -> None:
+    """A tokenizer with more tokens than the model has embedding rows makes training fail with an IndexError."""
+    from transformers import AutoConfig
+
+    try:
+        vocab_size = getattr(AutoConfig.from_pretrained(resolved), "vocab_size", None)
+    except Exception:  # noqa: BLE001 - a broken config is reported when the model itself is loaded
+        return
+    if isinstance(vocab_size, int) and vocab_size > 0 and len(tokenizer) > vocab_size:
+        raise ModelError(
+            f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model's config.json has vocab_size="
+            f"{vocab_size}: token ids beyond the embedding would crash training. The tokenizer files do not belong "
+            "to this model; use the tokenizer it was trained with"
+        )
+
+
+def check_tokenizer(tokenizer: Any, sample_texts: Sequence[str] | None = None, *, model: str) -> None:
+    """Check that ``tokenizer`` represents text: at most half of the tokens may be the unknown token, and it
+    must not drop most words.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        sample_texts: texts to tokenize (e.g. a sample of the dataset; at most 200 are used); ``None`` uses
+            :data:`ORDINARY_TEXT`.
+        model: the model's name, for the message.
+
+    Raises:
+        ModelError: naming the model and the fraction of unknown tokens, e.g. "the tokenizer of 'X' maps 87% of
+            the tokens of ordinary English text to [UNK]; ...".
+    """
+    if sample_texts is None:
+        texts, what = list(ORDINARY_TEXT), "ordinary English text"
+    else:
+        texts, what = [t for t in list(sample_texts)[:200] if isinstance(t, str) and t.strip()], "the dataset's texts"
+    if not texts:
+        return
+    try:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # a tokenizer that cannot tokenize plain strings is unusable
+        raise ModelError(f"the tokenizer of {model!r} fails on {what}: {_short(e)}") from None
+    unk = tokenizer.unk_token_id
+    special = set(tokenizer.all_special_ids) - {unk}
+    tokens = [i for row in ids for i in row if i not in special]
+    words = sum(len(t.split()) for t in texts)
+    files_hint = "its tokenizer files are missing or do not belong to this model"
+    if sample_texts is not None:
+        files_hint += ", or the texts are in a language or script its vocabulary does not cover"
+    if unk is not None and tokens:
+        fraction = sum(i == unk for i in tokens) / len(tokens)
+        if fraction > 0.5:
+            raise ModelError(
+                f"the tokenizer of {model!r} maps {fraction:.0%} of the tokens of {what} to {tokenizer.unk_token}; "
+                f"{files_hint}"
+            )
+    if len(tokens) < 0.5 * words:
+        raise ModelError(
+            f"the tokenizer of {model!r} turns {words} words of {what} into only {len(tokens)} tokens; {files_hint}"
+        )
 
 
 def load_sequence_classifier(source: str, num_labels: int, *, seed: int) -> torch.nn.Module:
-    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` (seeded)."""
-    from transformers import AutoModelForSequenceClassification
+    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` (seeded).
+
+    Raises:
+        ModelError: naming the file when config.json or a weights file is corrupt, or when the weights do not
+            fit the configuration (most of the base model would be random).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
+    resolved = resolve_model(source)
+    directory = Path(resolved)
+    local = directory.is_dir()
+    try:
+        config = AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for a bad config
+        where = f" ({directory / 'config.json'})" if local else ""
+        raise ModelError(f"cannot read the configuration of model {source!r}{where}: {_short(e)}") from None
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(source), num_labels=num_labels, ignore_mismatched_sizes=True
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
-    except OSError as e:
-        raise ModelError(f"cannot load model {source!r}: {e}") from None
+    except Exception as e:  # safetensors, pickle, torch and transformers each raise their own types
+        raise _weights_error(source, directory if local else None, e) from None
+    _check_loaded_weights(model, info, source, resolved)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def _weights_error(source: str, directory: Path | None, error: Exception) -> ModelError:
+    """A :class:`ModelError` naming the weights file(s) that failed to load."""
+    import pickle
+
+    # torch's unpickling error suggests weights_only=False, i.e. running code from a file that is broken anyway
+    detail = (
+        "UnpicklingError: not a readable PyTorch checkpoint"
+        if isinstance(error, pickle.UnpicklingError)
+        else _short(error)
+    )
+    if directory is None:
+        return ModelError(f"cannot load model {source!r}: {detail}")
+    files = _files(directory, patterns=_WEIGHT_PATTERNS)
+    if not files:
+        return ModelError(
+            f"{_describe_dir(source, directory)} has no weights file (model.safetensors or pytorch_model.bin); "
+            f"it holds: {_listing(directory)}"
+        )
+    corrupt = [f for f in files if not _weights_readable(f)]
+    if corrupt:
+        return ModelError(
+            f"cannot load model {source!r}: the weights file {', '.join(map(str, corrupt))} is corrupt or "
+            f"truncated ({detail}). Replace it with an intact copy (download or save the model again)"
+        )
+    return ModelError(
+        f"cannot load model {source!r} from its weights file(s) {', '.join(map(str, files))}: {detail}. If a "
+        "file is corrupt or truncated, replace it with an intact copy"
+    )
+
+
+def _weights_readable(file: Path) -> bool:
+    """Whether a safetensors header (covering the whole file) or a PyTorch checkpoint can be read; other kinds of
+    file are not checked."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        elif file.suffix in (".bin", ".pt", ".pth"):
+            # mmap reads only the zip directory of a (modern, zip-format) checkpoint, not the tensors
+            torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception:  # noqa: BLE001 - any failure means "unreadable"
+        return False
+    return True
+
+
+def _check_loaded_weights(model: torch.nn.Module, info: dict[str, Any], source: str, resolved: str) -> None:
+    """Refuse a model whose base-model weights were mostly not in the checkpoint (they would be random)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    params = dict(model.named_parameters())
+    body = {name: p.numel() for name, p in params.items() if name.startswith(prefix + ".")} if prefix else {}
+    if not body:
+        return
+    absent = set(info.get("missing_keys") or ())
+    absent.update(entry[0] if isinstance(entry, tuple | list) else entry for entry in info.get("mismatched_keys") or ())
+    absent_body = sorted(name for name in absent if name in body)
+    if not absent_body:
+        return
+    share = sum(body[name] for name in absent_body) / sum(body.values())
+    shown = ", ".join(absent_body[:3]) + (", ..." if len(absent_body) > 3 else "")
+    if share > 0.5:
+        raise ModelError(
+            f"the weights of model {source!r} ({resolved}) do not fit its config.json: {len(absent_body)} of "
+            f"{len(body)} base-model weights ({share:.0%} of its parameters) are missing or have another shape "
+            f"({shown}), so the model would be mostly random. The weights file belongs to another model"
+        )
+    log.warning(
+        "model %r: %d base-model weights are not in its checkpoint and start random (%s)",
+        source,
+        len(absent_body),
+        shown,
+    )
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
