@@ -13,7 +13,7 @@ methods receive it and stay free of ``torch.nn`` and of peft.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -221,3 +221,87 @@ def weighted_mean(tensors: Iterable[torch.Tensor], weights: Iterable[float]) -> 
     if out is None:
         raise ValueError("weighted_mean of no tensors")
     return out.to(dtype)
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean:<beta>")
+"""How client tensors are combined coordinate by coordinate: ``mean`` (the weighted mean ``Σ p_k t_k``),
+``median`` or ``trimmed_mean:<beta>`` with ``0 < beta < 0.5``. The robust two ignore the client weights: every
+client counts once (see :func:`coordinate_median`, :func:`trimmed_mean`)."""
+
+
+def parse_aggregator(spec: str) -> tuple[str, float]:
+    """``(kind, beta)`` from an aggregator spec: ``("mean", 0.0)``, ``("median", 0.0)`` or
+    ``("trimmed_mean", beta)``; a ValueError naming the spec and the allowed forms otherwise."""
+    allowed = "allowed: mean, median, trimmed_mean:<beta> with 0 < beta < 0.5"
+    if not isinstance(spec, str):
+        raise ValueError(f"aggregator={spec!r} is not a string; {allowed}")
+    text = spec.strip()
+    if text in ("mean", "median"):
+        return text, 0.0
+    kind, sep, value = text.partition(":")
+    if kind.strip() != "trimmed_mean":
+        raise ValueError(f"aggregator={spec!r} is unknown; {allowed}")
+    if not sep or not value.strip():
+        raise ValueError(f"aggregator={spec!r} needs the trimmed fraction beta (e.g. trimmed_mean:0.1); {allowed}")
+    try:
+        beta = float(value)
+    except ValueError:
+        raise ValueError(f"aggregator={spec!r}: beta={value.strip()!r} is not a number; {allowed}") from None
+    if not (math.isfinite(beta) and 0.0 < beta < 0.5):
+        raise ValueError(f"aggregator={spec!r}: beta={beta!r} is outside 0 < beta < 0.5; {allowed}")
+    return "trimmed_mean", beta
+
+
+def _stacked(tensors: Iterable[torch.Tensor], what: str) -> tuple[torch.Tensor, torch.dtype]:
+    items = list(tensors)
+    if not items:
+        raise ValueError(f"{what} of no tensors")
+    return torch.stack([t.float() for t in items]), items[0].dtype
+
+
+def coordinate_median(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The coordinate-wise median of ``K`` same-shaped tensors (float32, cast back to the input dtype).
+
+    For even ``K`` it is the mean of the two middle values (not torch's lower median), so two clients give their
+    mean and the result does not depend on the clients' order. No weights: every client counts once. Any
+    ``⌈K/2⌉ − 1`` values of a coordinate may be arbitrarily large without moving it outside the range of the
+    others.
+    """
+    stack, dtype = _stacked(tensors, "coordinate_median")
+    k = stack.shape[0]
+    ordered = stack.sort(dim=0).values
+    mid = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    return mid.to(dtype)
+
+
+def trimmed_count(k: int, beta: float) -> int:
+    """How many values :func:`trimmed_mean` drops at each end among ``k``: ``⌈beta·k⌉``, at most ``⌊(k−1)/2⌋``
+    (at least one value survives; at that limit the trimmed mean is the median)."""
+    return min(math.ceil(beta * k - 1e-9), (k - 1) // 2)
+
+
+def trimmed_mean(tensors: Iterable[torch.Tensor], beta: float) -> torch.Tensor:
+    """The coordinate-wise ``beta``-trimmed mean of ``K`` same-shaped tensors (float32, cast back to the input
+    dtype): per coordinate the :func:`trimmed_count` largest and smallest values are dropped and the rest is
+    averaged with equal weights (client weights are ignored)."""
+    if not 0.0 < beta < 0.5:
+        raise ValueError(f"trimmed_mean: beta={beta!r} is outside 0 < beta < 0.5")
+    stack, dtype = _stacked(tensors, "trimmed_mean")
+    k = stack.shape[0]
+    t = trimmed_count(k, beta)
+    kept = stack.sort(dim=0).values[t : k - t]
+    return kept.mean(dim=0).to(dtype)
+
+
+def combine_tensors(
+    tensors: Iterable[torch.Tensor], weights: Sequence[float], aggregator: str = "mean"
+) -> torch.Tensor:
+    """Client tensors combined by ``aggregator`` (:data:`AGGREGATORS`): :func:`weighted_mean` with ``weights`` for
+    ``mean``, else the unweighted :func:`coordinate_median` or :func:`trimmed_mean`."""
+    kind, beta = parse_aggregator(aggregator)
+    if kind == "mean":
+        return weighted_mean(tensors, weights)
+    items = list(tensors)
+    if len(items) != len(weights):
+        raise ValueError(f"combine_tensors: {len(items)} tensors but {len(weights)} weights")
+    return coordinate_median(items) if kind == "median" else trimmed_mean(items, beta)

@@ -16,7 +16,10 @@ All state a method carries between rounds lives in :class:`ServerState` (server)
 engine holds for it; both are checkpointed generically, so a method keeps nothing mutable on ``self``.
 Options are a frozen dataclass per method (:attr:`FedMethod.Options`), parsed and type-checked by
 :func:`parse_options`. Weighting of clients is explicit; ``"auto"`` resolves to the method's reference code
-(METHODS.md §34).
+(METHODS.md §34). Client influence is bounded in two places every method shares: :meth:`FedMethod.weights` caps
+any client's weight at ``max_weight_ratio / K``, and :meth:`FedMethod.combine` (behind :meth:`FedMethod.average_keys`)
+takes the mean, or a coordinate-wise median or trimmed mean (``aggregator``); methods whose aggregate is not an
+average of what travels refuse the robust ones (:attr:`FedMethod.supports_robust_aggregation`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,10 +45,11 @@ from fedlora.adapters.state import (
     LoraLayout,
     LoraModuleSpec,
     clone_state,
+    combine_tensors,
     namespaced,
+    parse_aggregator,
     slice_to_rank,
     subset,
-    weighted_mean,
 )
 from fedlora.client.objectives import Objective
 
@@ -53,8 +57,45 @@ WEIGHTINGS = ("num_examples", "samples_seen", "uniform")
 """``num_examples``: local training-set size; ``samples_seen``: examples processed this round (FederatedScope);
 ``uniform``: ``1/K``."""
 
+DEFAULT_MAX_WEIGHT_RATIO = 3.0
+"""Default cap on a client's weight, as a multiple of the uniform share ``1/K``. An honest Dirichlet(0.5) split of
+the default data over 8 clients stays below it (largest ``K·p_k`` over seeds 0..49: 2.64; seed 0: 1.63), so by
+default it only bites when one client claims far more data than the others."""
+
 BaseDelta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """A change of one frozen weight: dense ``(out, in)``, or factored ``(B, A)`` meaning ``B @ A``."""
+
+
+def cap_weights(weights: Sequence[float], max_ratio: float | None) -> list[float]:
+    """Water-filling: normalised weights with none above ``max_ratio / K`` (``K = len(weights)``).
+
+    Weights above the cap are set to it and the excess is spread over the others in proportion to their weights,
+    repeated until none exceeds it (at most ``K`` passes). The result sums to one, keeps the order of the weights
+    (ties stay ties) and equals the input when nothing exceeds the cap; ``max_ratio = 1`` gives ``1/K`` each, and
+    ``None`` leaves the weights as they are. Weights must be non-negative and sum to one.
+    """
+    k = len(weights)
+    if max_ratio is None or k == 0:
+        return list(weights)
+    if not (math.isfinite(max_ratio) and max_ratio >= 1.0):
+        raise ValueError(f"max_weight_ratio={max_ratio!r} must be a finite number >= 1 (or None: no cap)")
+    cap = max_ratio / k
+    if max_ratio <= 1.0 + 1e-12:
+        return [1.0 / k] * k
+    out = [float(w) for w in weights]
+    capped: set[int] = set()
+    while True:
+        over = [i for i in range(k) if i not in capped and out[i] > cap]
+        if not over:
+            return out
+        for i in over:
+            out[i] = cap
+            capped.add(i)
+        free = [i for i in range(k) if i not in capped]
+        budget = 1.0 - cap * len(capped)
+        mass = sum(out[i] for i in free)
+        for i in free:  # the free weights share what the capped ones left, in proportion to their weights
+            out[i] = out[i] * budget / mass if mass > 0 else budget / len(free)
 
 
 def derive_seed(*parts: object) -> int:
@@ -133,6 +174,10 @@ class ClientPlan:
     """Filled in by the round logic: the change of the base weights this client has not received yet."""
     upload_codec: str = "none"
     download_codec: str = "none"
+    work: float = 1.0
+    """Share of its local steps the client does (a straggler does fewer; set by the round's failure policy)."""
+    fail_after: float | None = None
+    """Simulated failure: the client stops with an error after this share of its local steps (None: it does not)."""
 
     @property
     def train_keys(self) -> frozenset[str]:
@@ -212,6 +257,11 @@ class MethodContext:
     init_lora_weights: str = "default"
     upload_codec: str = "none"
     download_codec: str = "none"
+    max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO
+    """No client's weight exceeds ``max_weight_ratio / K`` (:func:`cap_weights`); None: no cap."""
+    aggregator: str = "mean"
+    """How client tensors are combined wherever the method averages them (:meth:`FedMethod.combine`): ``mean``,
+    ``median`` or ``trimmed_mean:<beta>`` (:data:`fedlora.adapters.state.AGGREGATORS`)."""
 
 
 @dataclass(frozen=True)
@@ -353,12 +403,26 @@ class FedMethod(ABC):
     ``proportional`` (every rank slot then means the same at every client)."""
     extra_adapters: ClassVar[tuple[str, ...]] = ()
     """Namespaces of further adapters every client holds besides the default one (e.g. FedDPA's ``local``)."""
+    supports_robust_aggregation: ClassVar[bool] = True
+    """Every client tensor the method averages goes through :meth:`combine` (directly or via :meth:`average_keys`),
+    so ``aggregator`` may replace the weighted mean by a coordinate-wise median or trimmed mean. False for methods
+    whose aggregate is not an average of what travels (products ``B@A``, stacking, SVD, norm weights, padding):
+    they refuse a non-mean aggregator with :attr:`robust_refusal`."""
+    robust_refusal: ClassVar[str] = ""
+    """Why the method refuses a non-mean aggregator (its error message says it)."""
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, ctx: MethodContext, options: Any = None) -> None:
         weighting = self.default_weighting if ctx.weighting == "auto" else ctx.weighting
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}; allowed: 'auto', " + ", ".join(map(repr, WEIGHTINGS)))
+        ratio = ctx.max_weight_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
+            raise ValueError(f"max_weight_ratio={ratio!r} must be a finite number >= 1 (or None: no cap)")
+        parse_aggregator(ctx.aggregator)
+        refusal = self.robust_aggregation_error(ctx.aggregator)
+        if refusal:
+            raise ValueError(refusal)
         if ctx.client_ranks and not self.supports_mixed_ranks and len(set(ctx.client_ranks)) > 1:
             raise ValueError(
                 f"{self.id} trains one rank for all clients; mixed client ranks need one of: "
@@ -477,7 +541,12 @@ class FedMethod(ABC):
         """The new global state from the round's valid client updates (at least one)."""
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        """Normalised client weights ``p_k`` under this method's weighting."""
+        """Normalised client weights ``p_k`` under this method's weighting, capped at ``max_weight_ratio / K``.
+
+        The counts are the clients' own claims: without the cap a client reporting 1e12 examples would own the
+        round (``p_k ≈ 1``) and whatever it uploads would become the global adapter. The cap bounds any client's
+        share to ``max_weight_ratio`` times the uniform share, spreading the excess over the others in
+        proportion (:func:`cap_weights`); an honest, moderately skewed split stays below the default cap."""
         if not updates:
             raise ValueError("no client updates to weight")
         if self.weighting == "uniform":
@@ -489,13 +558,37 @@ class FedMethod(ABC):
         total = sum(raw)
         if not total > 0 or not math.isfinite(total):
             raise ValueError(f"client weights under {self.weighting!r} sum to {total}")
-        return [w / total for w in raw]
+        return cap_weights([w / total for w in raw], self.ctx.max_weight_ratio)
+
+    def cap(self, weights: Sequence[float]) -> list[float]:
+        """Weights a method computed itself (e.g. HetLoRA's norm weights), capped like :meth:`weights`."""
+        return cap_weights(weights, self.ctx.max_weight_ratio)
+
+    def combine(self, tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        """The round's aggregate of one client tensor (or of one difference per client) under ``aggregator``:
+        ``Σ p_k t_k`` (float32 accumulation, ``tensors`` streamed) for ``mean``; for ``median`` and
+        ``trimmed_mean:<beta>`` the coordinate-wise, unweighted robust statistic (every client counts once;
+        ``weights`` only fix the count). Every method that averages client tensors does it here, so the choice
+        applies to all of them."""
+        return combine_tensors(tensors, weights, self.ctx.aggregator)
 
     def average_keys(
         self, keys: Sequence[str], updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> AdapterState:
-        """``Σ p_k θ_k[key]`` for every key (float32 accumulation)."""
-        return {k: weighted_mean((u.state[k] for u in updates), weights) for k in keys}
+        """``Σ p_k θ_k[key]`` for every key (float32 accumulation), or its robust counterpart (:meth:`combine`)."""
+        return {k: self.combine((u.state[k] for u in updates), weights) for k in keys}
+
+    @classmethod
+    def robust_aggregation_error(cls, aggregator: str) -> str | None:
+        """The message refusing ``aggregator`` for this method, or None when it is allowed."""
+        kind, _ = parse_aggregator(aggregator)
+        if kind == "mean" or cls.supports_robust_aggregation:
+            return None
+        able = ", ".join(m for m in method_ids() if get_method_class(m).supports_robust_aggregation)
+        return (
+            f"{cls.id} cannot use aggregator={aggregator!r}: {cls.robust_refusal or 'its aggregate is not an average'}."
+            f" Use aggregator='mean' (max_weight_ratio still bounds each client's weight) or one of: {able}"
+        )
 
     @staticmethod
     def scale_of(update: ClientUpdate, spec: LoraModuleSpec) -> float:
@@ -606,6 +699,7 @@ def build_method(
 
 
 __all__ = [
+    "DEFAULT_MAX_WEIGHT_RATIO",
     "WEIGHTINGS",
     "AggregateResult",
     "BaseDelta",
@@ -623,6 +717,7 @@ __all__ = [
     "TrainStats",
     "build_method",
     "canonical_id",
+    "cap_weights",
     "derive_seed",
     "describe_options",
     "get_method_class",

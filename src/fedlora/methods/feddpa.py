@@ -17,7 +17,8 @@ never uploaded; no head of its own: the head belongs to the global adapter). A r
 Up: the global adapter ``A_g, B_g`` (``r(m+n)`` per module) and heads. Down: the same. The local adapter stays with
 the client (the engine keeps it between rounds, also across rounds the client sits out). Server:
 ``θ_g = Σ_k (1/K) θ_g^k`` for A, B and heads separately — **uniform** weights, as in the reference code
-(``model_aggregation.py``: the data-size weights are commented out); ``--weighting`` overrides it.
+(``model_aggregation.py``: the data-size weights are commented out); ``--weighting`` overrides it. A robust
+``aggregator`` (``median``, ``trimmed_mean:<beta>``) takes the coordinate-wise statistic of A, B and heads instead.
 
 Inference (a client's own model, evaluated on its own test split and saved under ``personal/client-K``):
 ``y = W0 x + s·(w_g·B_g A_g x + w_l·B_l A_l x)`` with ``w_g + w_l = 1``: ``weight_on="global"`` (the reference code:

@@ -6,6 +6,8 @@ arXiv:2305.05644.
 Clients continue from the global adapter and train A and B; the server sets ``A = Σ p_k A_k`` and
 ``B = Σ p_k B_k`` (``p_k ∝ n_k`` in the reference code). The implied model ``W0 + s·B A`` differs from the ideal
 ``W0 + s·Σ p_k B_k A_k`` (aggregation discordance); that is the method, not a bug.
+With a robust ``aggregator`` (``median``, ``trimmed_mean:<beta>``) A and B are each the coordinate-wise statistic
+of the clients' factors, unweighted: ``B̄Ā`` is then a product of two medians, the median of no client's product.
 Up: A, B (``r(m+n)`` per module) and heads. Down: the same.
 """
 

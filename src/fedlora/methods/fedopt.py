@@ -32,6 +32,8 @@ Choices the spec leaves open: defaults ``β1 = 0.9`` (``0`` for FedAdagrad, as T
 ``η = 0.03 ≈ 10^-1.5`` (a point of the paper's server-lr grid, inside its best ranges 10^-2.5…10^0 for
 FedAdam/FedYogi and 10^-1.5…10^1 for FedAdagrad; in the tiny end-to-end setting 1e-2 is too slow: 0.29 accuracy after
 5 rounds, 0.41 with 0.03); FedAvgM ``β = 0.9``, ``η_s = 1`` (TFF).
+With a robust ``aggregator`` (``median``, ``trimmed_mean:<beta>``) ``Δ_t`` is the coordinate-wise statistic of the
+differences ``θ_k − θ`` (the same as of the ``θ_k``, minus θ), unweighted; the optimiser step is unchanged.
 The state is kept in float32 whatever the adapter's dtype; the new θ is cast back to it. Only the default adapter at
 the global rank is optimised: uniform client ranks below ``lora_r`` are refused (the state has T's shapes).
 """
@@ -46,7 +48,7 @@ from typing import ClassVar
 
 import torch
 
-from fedlora.adapters.state import AdapterState, namespaced, weighted_mean
+from fedlora.adapters.state import AdapterState, namespaced
 from fedlora.methods.base import (
     AggregateResult,
     ClientUpdate,
@@ -154,7 +156,7 @@ class ServerOptimizer(FedMethod):
         for key in keys:
             theta = server.adapter[key]
             # Σ p_k (θ_k − θ): differences first, so a coordinate no client changed has Δ = 0 exactly
-            delta = weighted_mean((u.state[key].float() - theta.float() for u in updates), w)
+            delta = self.combine((u.state[key].float() - theta.float() for u in updates), w)
             sq_norm += float(delta.square().sum())
             state = {ns: server.tensors[namespaced(ns, key)] for ns in self.state_namespaces}
             change, new_state = self.step(delta, state, t)

@@ -10,7 +10,8 @@ never enter the penalty. The term is added to the loss (:class:`fedlora.client.o
 ``optimizer="sgd"`` the step is the official code's perturbed gradient step ``X ← X − η(∇F + μ(X − X_g))``, and under
 the default AdamW the prox gradient is Adam-normalised as in OpenFedLLM. ``mu = 0`` gives no term at all (FedIT's
 trajectory). The server is FedIT: ``θ = Σ p_k θ_k`` with ``p_k ∝ n_k`` (the official code's num_samples, OpenFedLLM's
-n_k). The official code's stragglers (a fraction of clients running fewer epochs) are not simulated.
+n_k). With a robust ``aggregator`` the server takes the coordinate-wise median / trimmed mean of each tensor instead (as
+FedIT). The official code's stragglers (a fraction of clients running fewer epochs) are not simulated.
 Up: A, B, heads (``r(m+n)`` per module). Down: the same.
 """
 

@@ -7,7 +7,8 @@ Each client trains A and B; only A travels. Client k keeps its own ``B_k`` (and,
 configuration, its own classification head when ``local_head=True``) across rounds. Personal tensors are held
 per client by the engine and never pass through the server (the reference code's ``share_local_model: True``
 silently chains one B through all clients; METHODS.md §19). There is no global model: evaluation is
-personalised, on each client's own test split.
+personalised, on each client's own test split. With a robust ``aggregator`` (``median``, ``trimmed_mean:<beta>``)
+the shared A (and heads) is the coordinate-wise statistic of the clients' (unweighted).
 Up: A (``r·n`` per module) [and heads when ``local_head=False``]. Down: A [and heads].
 """
 

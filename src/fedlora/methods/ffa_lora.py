@@ -6,6 +6,9 @@ arXiv:2403.12313.
 Every client holds the same A (the common initial adapter, drawn from the run seed), so
 ``s·(Σ p_k B_k)·A == Σ p_k s·B_k·A``: the ideal aggregate with no SVD. Weighting defaults to the samples
 processed this round, as in the FederatedScope reference (≈ uniform with equal local steps).
+With a robust ``aggregator`` (``median``, ``trimmed_mean:<beta>``) B is the coordinate-wise statistic of the
+``B_k`` (unweighted); the model ``s·B̄·A`` is still that B with the common A, but no longer the same statistic of
+the clients' products ``s·B_k·A`` (a coordinate-wise median does not commute with ``·A``).
 Up: B and heads (``m·r`` per module). Down: B and heads.
 """
 

@@ -37,6 +37,9 @@ Choices the paper and the reference code leave open (all documented, the tunable
 * **Global model.** ``server.adapter`` is the sample-weighted average of all submissions of the round, so the run
   has a global model to report; each client is also evaluated with its own cluster's adapter (personalised metrics).
   ``fl_tac_clusters`` in ``metrics.jsonl`` is the number of clusters formed from the round's submissions.
+* **Robust aggregators** (``aggregator=median`` or ``trimmed_mean:<beta>``) replace the average within each cluster
+  and the global average by the coordinate-wise statistic (unweighted). The k-means itself is not robust: an outlying
+  submission tends to form a cluster of its own, whose adapter is then that submission.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ Choices the paper and the reference code leave open (documented; the tunable one
 * **Codecs.** A density below 1 sets the plan's codec; when the run config already sets a codec for that direction
   (anything but ``none``), the two would conflict and the method refuses to start. With density 1 the run's codec
   applies unchanged. Decay of the densities, DP clipping/noise and the freeze variants are not implemented.
+* **Robust aggregators.** ``aggregator=median`` or ``trimmed_mean:<beta>`` replaces ``Σ_k p_k Δ_k`` by the
+  coordinate-wise statistic of the ``Δ_k`` (unweighted). With a sparse upload (``upload_density < 1``) each ``Δ_k`` is
+  zero outside the client's own top-k, so a coordinate fewer than half of the clients sent has median 0: only
+  coordinates most clients agree to send move (the trimmed mean keeps more of them).
 """
 
 from __future__ import annotations
@@ -190,13 +194,13 @@ class FLASC(FedMethod):
         return dataclasses.replace(plan, download_codec=self.download_codec, upload_codec=self.upload_codec)
 
     def pseudo_gradient(self, server: ServerState, updates: Sequence[ClientUpdate]) -> AdapterState:
-        """``g = −Σ_k p_k (θ_k − θ_dl)`` per key, float32."""
+        """``g = −Σ_k p_k (θ_k − θ_dl)`` per key, float32 (or minus the robust statistic: :meth:`combine`)."""
         theta_dl = self.received(self.theta(server))
         w = self.weights(updates)
         g: AdapterState = {}
         for k in self.layout.all_keys:
             ref = theta_dl[k].float()
-            g[k] = -sum(p * (u.state[k].float() - ref) for p, u in zip(w, updates, strict=True))
+            g[k] = -self.combine((u.state[k].float() - ref for u in updates), w)
         return g
 
     def server_step(

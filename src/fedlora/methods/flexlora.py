@@ -10,6 +10,7 @@ own rank: ``A[:r_k]`` and ``B[:, :r_k]·s_R/s_k``, so ``s_k·B_k@A_k`` is the be
 (the reference code computes these truncations but never trains other ranks; §6). W0 never changes. Heads are
 averaged. Mixed client ranks are supported. When fewer singular directions exist than the rank asks for, the rest
 of A is completed with orthonormal random rows and B with zeros (:meth:`fedlora.adapters.SVDFactors.to_lora`).
+Robust aggregators are refused (the SVD is of a weighted sum of products); ``max_weight_ratio`` caps ``p_k``.
 Up: A, B, heads (``r_k(m+n)``). Down: the rank-matched truncated factors and heads.
 """
 
@@ -43,6 +44,11 @@ class FlexLoRA(FedMethod):
     bytes_down = "r_k(m+n) + heads"
     default_weighting = "num_examples"
     supports_mixed_ranks = True
+    supports_robust_aggregation = False
+    robust_refusal = (
+        "it re-factorises the weighted sum of the clients' products (sum_k p_k s_k B_k A_k) by a truncated SVD; that "
+        "sum is not an average of the uploaded factors"
+    )
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         rank = self.client_rank(client_id, server)

@@ -10,7 +10,8 @@ keeps mixed ranks and scales exact, which the reference code's single ``alpha/r`
 are what travels down (``Σ_k r_k (m+n)`` per module). Every round each client starts from a freshly drawn LoRA
 of its own rank (A drawn as ``init_lora_weights`` says, B = 0; seeded by run seed, round and client) on the merged
 base: a Re-Initial scheme. Heads are averaged. The global adapter keeps B = 0. Mixed client ranks are supported.
-Up: A, B, heads (``r_k(m+n)``). Down: heads + the stacked factors.
+Robust aggregators are refused (a sum of products is not an average of what travels); ``max_weight_ratio`` caps
+``p_k``. Up: A, B, heads (``r_k(m+n)``). Down: heads + the stacked factors.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class FLoRA(FedMethod):
     default_weighting = "num_examples"
     changes_base = True
     supports_mixed_ranks = True
+    supports_robust_aggregation = False
+    robust_refusal = (
+        "it merges the exact weighted sum of the clients' products (sum_k p_k s_k B_k A_k) into W0 by stacking their "
+        "factors; stacked factors have no coordinate-wise median or trimmed mean"
+    )
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         return self.make_plan(

@@ -25,7 +25,9 @@ Server: per module every client is zero-padded to the global rank R and weighted
 without forming m×n (``‖BA‖_F² = Σ (BᵀB) ⊙ (AAᵀ)``); then ``A = Σ w_k pad(A_k)`` and ``B = Σ w_k pad(B_k)``
 (separately: the FedIT discordance remains, as in the paper). The paper weighs per module; the third-party codes
 sum norms over modules (§15): per module here. When every reply's product of a module is zero (no B moved off zero) the
-norm weights are undefined and the method's client weighting is used instead. Heads are averaged with the
+norm weights are undefined and the method's client weighting is used instead. The norm weights are capped like
+client weights (``max_weight_ratio``: a client with a huge product cannot own the round); robust aggregators are
+refused (the norm-weighted padded average is not a plain average of what travels). Heads are averaged with the
 method's client weighting (``num_examples`` by default). Rank indices no client of the round owns come out zero.
 
 Also open in the spec, chosen here: a rank a client receives with both its row of A and its column of B exactly
@@ -122,6 +124,12 @@ class HetLoRA(FedMethod):
     default_weighting = "num_examples"
     supports_mixed_ranks = True
     preferred_alpha_rule = "proportional"
+    supports_robust_aggregation = False
+    robust_refusal = (
+        "it weights each client's zero-padded factors by the norm of its own product ||s_k B_k A_k|| and averages "
+        "rank slots only some clients own; a coordinate-wise median or trimmed mean over the padding would erase "
+        "every rank slot fewer than half of the clients own"
+    )
     Options = HetLoRAOptions
 
     # ----------------------------------------------------------------- ranks
@@ -161,13 +169,13 @@ class HetLoRA(FedMethod):
         )
 
     def norm_weights(self, spec: LoraModuleSpec, updates: Sequence[ClientUpdate]) -> list[float]:
-        """``w_k = ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F`` (each client's own scale); the client weighting when
-        every product is zero."""
+        """``w_k = ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F`` (each client's own scale), capped at
+        ``max_weight_ratio / K`` like the client weights; the client weighting when every product is zero."""
         norms = [abs(self.scale_of(u, spec)) * product_norm(u.state[spec.a_key], u.state[spec.b_key]) for u in updates]
         total = sum(norms)
         if not total > 0 or not math.isfinite(total):
             return self.weights(updates)
-        return [n / total for n in norms]
+        return self.cap([n / total for n in norms])
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         adapter = dict(server.adapter)

@@ -20,7 +20,9 @@ default of 1.0 per client; ``--weighting`` changes it), A and B separately (rank
   weighted mean; Byun & Lee's exact replication source is unverified, §16). A rank index no client of the round
   owns keeps its previous global value (our choice; RBLA's code would leave NaN there).
 
-For rank indices below every client's rank both rules agree. Heads: plain weighted average with the same weights.
+For rank indices below every client's rank both rules agree. Robust aggregators (``median``, ``trimmed_mean``) are
+refused: over the padding they would erase the rank slots most clients lack; ``max_weight_ratio`` caps ``w_k``.
+Heads: plain weighted average with the same weights.
 Each client's scale is its own (``alpha_rule``); the factors are averaged as they are, so under the ``constant``
 rule clients of different ranks would read the same slice at different scales (the methods share factors, not
 products). ``alpha_rule=auto`` therefore resolves to ``proportional`` for these methods (one scale for every rank;
@@ -56,6 +58,12 @@ class RankPadding(FedMethod):
     default_weighting = "uniform"
     supports_mixed_ranks = True
     preferred_alpha_rule = "proportional"
+    supports_robust_aggregation = False
+    robust_refusal = (
+        "it averages factors of different ranks rank slot by rank slot (zero-padded, or over each slot's owners); a "
+        "coordinate-wise median or trimmed mean over the padding would erase every rank slot fewer than half of the "
+        "clients own"
+    )
 
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         rank = self.client_rank(client_id, server)

@@ -5,7 +5,9 @@ Alternating Minimization of LoRA", arXiv:2409.02346 (NeurIPS 2025 version: arXiv
 
 Round ``t`` even: A frozen, B trained; ``t`` odd: B frozen, A trained (B must go first: with B = 0 the gradient of
 A is zero). The server averages only the trained factor; the frozen one is identical on every client, so
-``Σ p_k B_k A == (Σ p_k B_k) A`` exactly. Heads are trained and averaged every round.
+``Σ p_k B_k A == (Σ p_k B_k) A`` exactly. Heads are trained and averaged every round. With a robust ``aggregator``
+(``median``, ``trimmed_mean:<beta>``) the trained factor is the coordinate-wise statistic of the clients' (unweighted)
+and this identity no longer holds: the median of ``B_k`` times ``A`` is not the median of the products ``B_k A``.
 Up: the trained factor (``m·r`` or ``r·n``) and heads. Down: A, B and heads (a client that skipped rounds needs
 both factors; with full participation only the factor updated last round would have to travel).
 """

@@ -24,6 +24,9 @@ which is why ``after_step`` is the default. Either way ``(θ − y)/(Kη_l)`` un
 not an average gradient.
 y travels as the trained values (as in OpenFedLLM; the paper sends ``y − θ``, which codecs encode anyway, since θ was
 downloaded). Clients must train at the global rank (c has T's shapes).
+With a robust ``aggregator`` (``median``, ``trimmed_mean:<beta>``) both server sums become the coordinate-wise
+statistic, unweighted: ``θ ← θ + η_g·robust_k(y_k − θ)`` and ``c ← c + (|S|/N)·robust_k(Δc_k)``; ``c`` is then no
+longer exactly the mean of the clients' ``c_i`` (a client's drift estimate can be outvoted), only an estimate of it.
 Up: y and Δc (``2r(m+n)`` per module, heads twice). Down: θ and c (the same).
 """
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.adapters.state import AdapterState, namespaced, subset, weighted_mean
+from fedlora.adapters.state import AdapterState, namespaced, subset
 from fedlora.client.codecs import parse_codec, roundtrip
 from fedlora.client.objectives import GradientShift, Objective
 from fedlora.methods.base import (
@@ -111,13 +114,15 @@ class Scaffold(FedMethod):
         adapter = dict(server.adapter)
         tensors = dict(server.tensors)
         n = self.ctx.num_clients
+        uniform = [1.0 / len(updates)] * len(updates)
         for key in keys:
             theta = server.adapter[key]
-            step = weighted_mean((u.state[key].float() - theta.float() for u in updates), w)  # Σ p_k (y_k − θ)
+            step = self.combine((u.state[key].float() - theta.float() for u in updates), w)  # Σ p_k (y_k − θ)
             adapter[key] = (theta.float() + eta * step).to(theta.dtype)
             c = namespaced(C_NS, key)
-            dc = sum(u.state[namespaced(DC_NS, key)].float() for u in updates)
-            tensors[c] = server.tensors[c] + dc / n
+            # (1/N)·Σ_{k∈S} Δc_k written as (|S|/N)·mean_k Δc_k, so a robust aggregator bounds it too
+            dc = self.combine((u.state[namespaced(DC_NS, key)].float() for u in updates), uniform)
+            tensors[c] = server.tensors[c] + dc * (len(updates) / n)
         return AggregateResult(adapter=adapter, tensors=tensors)
 
     # ----------------------------------------------------------------- client side
