@@ -16,15 +16,14 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters.peft_io import add_to_base
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
 from fedlora.engines.local import ClientSplits, LocalEngine
-from fedlora.federation import LoopHooks, RoundReport, Schedule, run_federation, start_state
+from fedlora.federation import LoopHooks, RoundPolicy, RoundReport, Schedule, run_federation, start_state
 from fedlora.methods import FedMethod, MethodContext, build_method, derive_seed
-from fedlora.models.loading import add_named_adapter
-from fedlora.runs import RunDir, RunDirError
+from fedlora.models.loading import add_named_adapter, check_tokenizer
+from fedlora.runs import RunDir
 from fedlora.tasks import Task, get_task
 
 log = logging.getLogger("fedlora")
@@ -49,7 +48,8 @@ class RunResult:
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """Fill the defaults that depend on other options (the default task's labels, weighting, threads)."""
+    """Fill the defaults that depend on other options (the default task's labels, weighting, threads) and make
+    local paths absolute."""
     from fedlora.data import DEFAULT_DATASET, DEFAULT_LABELS
     from fedlora.methods import get_method_class, parse_options
 
@@ -71,6 +71,13 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         changes["method_options"] = full
     if cfg.threads is None:
         changes["threads"] = default_threads() or torch.get_num_threads()
+    for key in ("model", "dataset"):  # local paths are stored absolute: --resume works from any directory
+        value = getattr(cfg, key)
+        if value != "default" and Path(value).expanduser().exists():
+            changes[key] = str(Path(value).expanduser().resolve())
+    out_dir = str(Path(cfg.out_dir).expanduser().resolve())
+    if out_dir != cfg.out_dir:
+        changes["out_dir"] = out_dir
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -126,6 +133,7 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
     )
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer(tokenizer, data.clients[0].train["text"], model=cfg.model)  # the dataset's own texts
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError(f"model {cfg.model!r}: its tokenizer has neither a pad nor an eos token")
@@ -149,6 +157,8 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
         client_ranks=tuple(cfg.resolved_client_ranks() or ()),
         seed=cfg.seed,
         weighting=cfg.weighting,
+        max_weight_ratio=cfg.max_weight_ratio,
+        aggregator=cfg.aggregator,
         rounds=cfg.rounds,
         init_lora_weights=cfg.init_lora_weights,
         upload_codec=cfg.upload_codec,
@@ -189,35 +199,54 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
 RESUME_OVERRIDABLE = ("rounds", "progress", "threads")
 
 
-def run(cfg: RunConfig | None = None) -> RunResult:
-    """Run a federated fine-tuning job in a new run directory; returns a :class:`RunResult`."""
-    cfg = resolve_config(cfg or RunConfig())
-    if cfg.run_name:
-        run_dir = RunDir(Path(cfg.out_dir) / cfg.run_name)
-        if run_dir.config_path.exists():
-            raise RunDirError(f"{run_dir.path} already holds a run; pick another run_name or use --resume")
+def _policy(cfg: RunConfig, engine: LocalEngine) -> RoundPolicy:
+    """The round policy of a local run: the server knows each client's training-set size and local budget."""
+    sizes = {cid: len(c.train) for cid, c in enumerate(engine.clients)}
+    if cfg.local_steps is not None:
+        budget = {cid: cfg.local_steps * cfg.batch_size for cid in sizes}
     else:
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-        run_dir, n = RunDir(Path(cfg.out_dir) / stem), 1
-        while run_dir.path.exists():
-            n += 1
-            run_dir = RunDir(Path(cfg.out_dir) / f"{stem}-{n}")
+        budget = {cid: cfg.local_epochs * n for cid, n in sizes.items()}
+    return RoundPolicy(
+        client_examples=sizes,
+        max_samples_per_stage=budget,
+        norm_bound=cfg.norm_bound,
+        norm_action=cfg.norm_action,
+        min_cosine=cfg.min_cosine,
+        dropout=cfg.client_dropout,
+        stragglers=cfg.stragglers,
+        straggler_work=cfg.straggler_work,
+        seed=cfg.seed,
+    )
+
+
+def run(cfg: RunConfig | None = None) -> RunResult:
+    """Run a federated fine-tuning job in a new run directory; returns a :class:`RunResult`.
+
+    The run directory is reserved (atomically, inside ``out_dir``) and holds the configuration before anything
+    is loaded; the round-0 checkpoint is written before any client trains, so a kill at any point is resumable.
+    """
+    cfg = resolve_config(cfg or RunConfig())
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+    run_dir = RunDir.reserve(cfg.out_dir, cfg.run_name, stem, keep_checkpoints=cfg.keep_checkpoints)
+    run_dir.write_config(cfg.to_dict())
+    log.info("run directory: %s", run_dir.path)
     return _execute(cfg, run_dir, resuming=False)
 
 
 def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
-    """Continue the run in ``run_dir`` after its last complete checkpoint.
+    """Continue the run in ``run_dir`` after its newest intact checkpoint (from its beginning if it has none).
 
     The run's saved configuration is used; only ``rounds`` (to extend a run), ``progress`` and ``threads`` may
     be overridden. The result equals that of an uninterrupted run.
     """
-    rd = RunDir(run_dir)
     bad = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
     if bad:
         raise ConfigError(
             f"--resume keeps the run's configuration; cannot change {bad} (allowed: {', '.join(RESUME_OVERRIDABLE)})"
         )
+    rd = RunDir.open_existing(run_dir)
     cfg = resolve_config(RunConfig.from_dict(rd.read_config()).replace(**overrides))
+    rd.keep_checkpoints = cfg.keep_checkpoints
     return _execute(cfg, rd, resuming=True)
 
 
@@ -226,15 +255,14 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
     progress = _Progress(cfg)
     setup = build(cfg, on_client_done=progress.client_done)
     engine, method = setup.engine, setup.method
+    run_dir.write_data_info(setup.data_info)
+    server = start_state(method, engine, run_dir, engine.initial, resume=resuming)
+    if server.round > cfg.rounds:
+        raise ConfigError(
+            f"the run in {run_dir.path} has completed {server.round} rounds; --rounds must be at least {server.round}"
+        )
     if resuming:
-        try:
-            server = start_state(method, engine, run_dir, engine.initial, resume=True)
-        except FileNotFoundError:
-            raise RunDirError(f"{run_dir.path} has no complete checkpoint to resume from") from None
-    else:
-        run_dir.create(cfg.to_dict(), setup.data_info)
-        log.info("run directory: %s", run_dir.path)
-        server = start_state(method, engine, run_dir, engine.initial, resume=False)
+        run_dir.write_config(cfg.to_dict())  # an extended run stays extended when resumed again
     schedule = Schedule(
         rounds=cfg.rounds,
         num_clients=cfg.clients,
@@ -242,7 +270,16 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
         clients_per_round=cfg.clients_per_round,
         client_fraction=cfg.client_fraction,
     )
-    server = run_federation(method, engine, run_dir, schedule, server, progress)
+    server = run_federation(
+        method,
+        engine,
+        run_dir,
+        schedule,
+        server,
+        progress,
+        policy=_policy(cfg, engine),
+        max_failed_rounds=cfg.max_failed_rounds,
+    )
     _save_final(run_dir, setup, server, engine)
     history = run_dir.read_metrics()
     run_dir.write_summary({"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}})
@@ -250,24 +287,37 @@ def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
 
 
 def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine) -> None:
-    """The global adapter, and each client's own adapters (all of its named adapters), in peft's format."""
+    """The global adapter, and each client's own adapters (all of its named adapters), in peft's format.
+
+    Each directory is written under a hidden name and renamed into place when complete; its adapter configs name
+    the real base model (hub id, or a local directory's absolute path) and ``labels.json`` lists the label names.
+    """
+    from fedlora.export import describe_saved_adapter, replace_dir, staging_dir
+
     slots = engine.slots
     extra = list(setup.method.extra_adapters)
+    labels = list(setup.data_info["labels"])
     if setup.method.has_global_model:
         slots.load(engine.initial)
         slots.load(server.adapter)
         slots.reset_scales()
-        setup.model.save_pretrained(str(run_dir.path / "adapter"), selected_adapters=["default"])
+        tmp = staging_dir(run_dir.path / "adapter")
+        setup.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        describe_saved_adapter(tmp, setup.config.model, labels)
+        replace_dir(tmp, run_dir.path / "adapter")
     run_dir.save_base_delta(server.base_delta)
     if setup.method.has_personal_state:
+        root = staging_dir(run_dir.path / "personal")
         try:
             for cid in range(len(engine.clients)):
                 engine.load_client_model(cid, server)
-                target = run_dir.path / "personal" / f"client-{cid}"
+                target = root / f"client-{cid}"
                 setup.model.save_pretrained(str(target), selected_adapters=["default", *extra])
                 _write_client_scales(target, engine, extra)
+                describe_saved_adapter(target, setup.config.model, labels)
         finally:
             slots.reset_scales()
+        replace_dir(root, run_dir.path / "personal")
     run_dir.plot()
 
 
@@ -291,37 +341,23 @@ def _write_client_scales(target: Path, engine: LocalEngine, extra: list[str]) ->
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def load_trained(run_dir: str | Path, adapter: str = "adapter") -> tuple[torch.nn.Module, Any]:
-    """The trained model of a run: base model (+ the base-weight change, if the method made one) + its adapter.
+def load_trained(
+    run_dir: str | Path, adapter: str = "adapter", *, client: int | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """The trained model of a finished run: base model (+ the base-weight change, if the method made one) + its
+    adapter(s), in eval mode, with the run's label names in ``model.config.id2label``. Returns ``(model, tokenizer)``.
 
-    ``adapter`` is ``"adapter"`` (global) or ``"personal/client-K"``. Returns ``(model, tokenizer)``.
+    ``adapter`` is ``"adapter"`` (the global model) or ``"personal/client-K"`` (client K's own model, for methods
+    with per-client state); ``client=K`` is the same as ``adapter="personal/client-K"``. The base model is the one
+    the run's ``config.json`` names (the embedded default model loads offline). RunDirError when the run has no
+    such model (e.g. FedSA-LoRA has no global adapter), the client does not exist, or the run has not finished.
     """
-    from peft import PeftModel
-
+    from fedlora.export import attach_adapters, build_base, open_trained
     from fedlora.models import load_tokenizer
 
-    rd = RunDir(run_dir)
-    cfg = RunConfig.from_dict(rd.read_config())
-    labels = json.loads((rd.path / "data.json").read_text())["labels"]
-    task = get_task(cfg.task)
-    base = task.load_model(cfg.model, num_labels=len(labels), seed=cfg.seed)
-    model = PeftModel.from_pretrained(base, str(rd.path / adapter))
-    named = sorted(p.name for p in (rd.path / adapter).iterdir() if (p / "adapter_config.json").is_file())
-    if named:  # several named adapters (e.g. FedDPA's global + local): all active, each with its saved scale
-        from peft.tuners.lora import LoraLayer
-
-        for name in named:
-            model.load_adapter(str(rd.path / adapter / name), adapter_name=name)
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.set_adapter(["default", *named])
-    delta_file = rd.path / "base_delta.safetensors"
-    if delta_file.is_file():
-        from safetensors.torch import load_file
-
-        add_to_base(model, LoraLayout.from_peft_model(model), load_file(str(delta_file)))
-    model.eval()
-    return model, load_tokenizer(cfg.model)
+    trained = open_trained(run_dir, adapter, client=client)
+    model = attach_adapters(build_base(trained), trained)
+    return model, load_tokenizer(trained.config.model)
 
 
 class _Progress(LoopHooks):
@@ -333,12 +369,13 @@ class _Progress(LoopHooks):
         self.losses: list[float] = []
 
     def start_round(self, rnd: int, clients: list[int]) -> None:
+        """``rnd`` is 1-based, as everywhere a round is shown."""
         n_clients = len(clients)
         self.losses = []
         if self.cfg.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=n_clients, desc=f"round {rnd + 1}/{self.cfg.rounds}", unit="client", leave=True)
+            self.bar = tqdm(total=n_clients, desc=f"round {rnd}/{self.cfg.rounds}", unit="client", leave=True)
 
     def client_done(self, update: Any) -> None:
         self.losses.append(float(update.metrics.get("train_loss", float("nan"))))
@@ -358,4 +395,4 @@ class _Progress(LoopHooks):
             self.bar.close()
             self.bar = None
         else:
-            log.info("round %d: %s", report.round + 1, ", ".join(f"{k}={v}" for k, v in shown.items()))
+            log.info("round %d: %s", report.round, ", ".join(f"{k}={v}" for k, v in shown.items()))

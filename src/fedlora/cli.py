@@ -1,4 +1,4 @@
-"""The command line: ``fedlora run`` and ``fedlora methods``.
+"""The command line: ``fedlora run``, ``fedlora methods`` and ``fedlora export``.
 
 Every :class:`fedlora.config.RunConfig` option is a flag (``--local-epochs 2``); ``--config file.toml`` reads a
 file first and flags override it; ``--resume RUN_DIR`` continues an interrupted run.
@@ -88,7 +88,15 @@ def _method_detail(cls: type) -> int:
     for key in ("family", "paper", "weighting", "up", "down", "bytes_up", "bytes_down"):
         print(f"  {key:<11} {d[key]}")
     flags = [
-        f for f in ("changes_base", "has_personal_state", "has_global_model", "supports_mixed_ranks") if getattr(cls, f)
+        f
+        for f in (
+            "changes_base",
+            "has_personal_state",
+            "has_global_model",
+            "supports_mixed_ranks",
+            "supports_robust_aggregation",
+        )
+        if getattr(cls, f)
     ]
     print(f"  {'traits':<11} {', '.join(flags) or '-'}")
     if cls.extra_adapters:
@@ -103,13 +111,61 @@ def _method_detail(cls: type) -> int:
     return 0
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's trained model for use without fedlora (merged transformers model, or base + adapter)",
+        description="Write a finished run's trained model to OUT: by default one merged transformers model "
+        "(AutoModelForSequenceClassification.from_pretrained(OUT)); with --unmerged OUT/base (base weights with the "
+        "method's base-weight change) and OUT/adapter (a peft adapter for it). Label names and tokenizer included. "
+        "OUT must be new, empty, or an earlier export (replaced).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument(
+        "--adapter",
+        default="adapter",
+        metavar="NAME",
+        help="which trained model: adapter (the global one, default) or personal/client-K (client K's own)",
+    )
+    p.add_argument("--client", type=int, metavar="K", help="client K's own model (same as --adapter personal/client-K)")
+    p.add_argument(
+        "--unmerged", action="store_true", help="write OUT/base and OUT/adapter (the peft route) instead of merging"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedlora.data import DataError
+    from fedlora.export import export
+    from fedlora.models import ModelError
+    from fedlora.runs import RunDirError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(args.run_dir, args.out, adapter=args.adapter, client=args.client, merged=not args.unmerged)
+    except (ConfigError, DataError, ModelError, RunDirError) as e:
+        print(f"fedlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nfedlora: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    how = "base + adapter (peft)" if args.unmerged else "merged transformers model"
+    print(f"exported {args.adapter if args.client is None else f'personal/client-{args.client}'} as {how}: {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     mp = sub.add_parser("methods", help="list the federated methods: id, family, paper, bytes up and down")
     mp.add_argument("id", nargs="?", help="show one method in full: paper, what travels, options, formulas")
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     if args.command == "methods":
         try:
             return _methods(args.id)
@@ -121,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedlora.api import resume, run
     from fedlora.data import DataError
+    from fedlora.federation import RunStalled
     from fedlora.models import ModelError
     from fedlora.runs import RunDirError
 
@@ -141,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, RunDirError) as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2
+    except RunStalled as e:
+        print(f"fedlora: the run failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nfedlora: interrupted; resume with `fedlora run --resume <run dir>`", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -58,6 +59,21 @@ class RunConfig:
         "client weights: auto (the method's paper), num_examples, samples_seen, uniform",
         str,
         choices=("auto", "num_examples", "samples_seen", "uniform"),
+    )
+    max_weight_ratio: float | None = _opt(
+        3.0,
+        "cap on a client's weight as a multiple of the uniform share 1/K (water-filling: the excess goes to the "
+        "others in proportion), so a client claiming huge counts cannot own the round; >= 1, null: no cap",
+        float,
+        nullable=True,
+        minimum=1.0,
+    )
+    aggregator: str = _opt(
+        "mean",
+        "how client tensors are combined: mean (weighted), median or trimmed_mean:<beta> (0<beta<0.5: drop the "
+        "ceil(beta*K) largest and smallest values per coordinate); robust ones are coordinate-wise and unweighted, "
+        "refused by methods whose aggregate is not an average of what travels (e.g. fedex_lora, flora, flexlora)",
+        str,
     )
     rounds: int = _opt(5, "number of federated rounds", int, minimum=1)
     clients: int = _opt(8, "number of clients the data is partitioned into", int, minimum=1)
@@ -145,12 +161,63 @@ class RunConfig:
     max_grad_norm: float | None = _opt(
         1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0
     )
+    # trust and failures
+    norm_bound: float | None = _opt(
+        3.0,
+        "bound on a client's update norm, as a multiple of the round's median update norm (null: no bound)",
+        float,
+        nullable=True,
+        minimum=1.0,
+    )
+    norm_action: str = _opt(
+        "clip",
+        "what happens to an update above norm_bound: clip (scaled back onto it) or reject",
+        str,
+        choices=("clip", "reject"),
+    )
+    min_cosine: float | None = _opt(
+        0.0,
+        "reject an update whose cosine similarity with the round's coordinate-wise median update is below this "
+        "(catches sign-flipped updates; null: off)",
+        float,
+        nullable=True,
+        minimum=-1.0,
+        maximum=1.0,
+    )
+    max_failed_rounds: int | None = _opt(
+        3,
+        "stop the run (non-zero exit, with the reasons) after this many rounds in a row accept no reply "
+        "(null: never stop early; a run that never accepts a reply always fails)",
+        int,
+        nullable=True,
+        minimum=1,
+    )
+    client_dropout: float = _opt(
+        0.0,
+        "simulated failures: probability that a sampled client fails mid-round (seeded)",
+        float,
+        minimum=0.0,
+        maximum=0.99,
+    )
+    stragglers: float = _opt(
+        0.0,
+        "simulated stragglers: probability that a sampled client does only straggler_work of its local steps",
+        float,
+        minimum=0.0,
+        maximum=0.99,
+    )
+    straggler_work: float = _opt(0.5, "share of its local steps a straggler does", float, minimum=0.01, maximum=1.0)
     # runtime and output
     threads: int | None = _opt(
         None, "torch CPU threads (default: 1 under CI, else torch's default)", int, nullable=True, minimum=1
     )
-    out_dir: str = _opt("runs", "directory that receives run directories", str)
-    run_name: str | None = _opt(None, "run directory name (default: <time>-<method>)", str, nullable=True)
+    out_dir: str = _opt("runs", "directory that receives run directories (created if missing)", str)
+    run_name: str | None = _opt(
+        None, "run directory name, a plain name inside out_dir (default: <time>-<method>)", str, nullable=True
+    )
+    keep_checkpoints: int | None = _opt(
+        3, "keep only the newest N per-round checkpoints (null: keep all)", int, nullable=True, minimum=1
+    )
     progress: bool = _opt(True, "show a progress bar", bool)
 
     def __post_init__(self) -> None:
@@ -179,6 +246,17 @@ class RunConfig:
             parse_options(cls, self.method_options)
         except ValueError as e:
             raise ConfigError(f"method_options: {e}") from None
+        if self.max_weight_ratio is not None and not math.isfinite(self.max_weight_ratio):
+            raise ConfigError(f"max_weight_ratio={self.max_weight_ratio!r} must be finite (null: no cap)")
+        from fedlora.adapters.state import parse_aggregator
+
+        try:
+            parse_aggregator(self.aggregator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        refusal = cls.robust_aggregation_error(self.aggregator)
+        if refusal:
+            raise ConfigError(f"aggregator: {refusal}")
         ranks = self.resolved_client_ranks()
         if ranks is not None:
             if max(ranks) > self.lora_r:
@@ -268,6 +346,8 @@ def _check(f: dataclasses.Field, value: Any) -> None:
         ok = True
     if not ok:
         raise ConfigError(f"{f.name}={value!r} must be of type {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{f.name}={value!r} must be a finite number")
     choices = _choices(f)
     if choices is not None and value not in choices:
         raise ConfigError(f"{f.name}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")

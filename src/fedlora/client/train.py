@@ -8,6 +8,8 @@ built for every stage of every round (as in every reference implementation: Adam
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -105,6 +107,18 @@ def train_local(
     return {"train_loss": loss_sum / max(seen, 1), "steps": steps, "samples_seen": seen}
 
 
+class ClientDropped(RuntimeError):
+    """A simulated client failure (the plan's ``fail_after``): the client stopped mid-round without replying."""
+
+
+def _budget(settings: TrainSettings, n: int, work: float) -> TrainSettings:
+    """``settings`` for a client that does ``work`` (0..1] of its local steps (at least one step)."""
+    if work >= 1.0:
+        return settings
+    full = settings.steps if settings.steps is not None else settings.epochs * math.ceil(n / settings.batch_size)
+    return dataclasses.replace(settings, steps=max(1, math.ceil(work * full)))
+
+
 def _grad_views(slots: AdapterSlots, keys: list[str], ranks: Mapping[str, ModuleRank]) -> dict[str, torch.Tensor]:
     """Views of the gradients of ``keys`` at the client's rank (keys without a gradient are left out)."""
     grads = {k: slots.params[k].grad for k in keys}
@@ -133,6 +147,9 @@ def client_round(
     slots.set_scales({k: v.scale for k, v in ranks.items()}, None)
     steps = seen = 0
     loss_sum = 0.0
+    stage_settings = _budget(settings, len(data), plan.work)
+    if plan.fail_after is not None:
+        stage_settings = _budget(settings, len(data), plan.fail_after * plan.work)
     try:
         for i, stage in enumerate(plan.stages):
             slots.set_scales(None, stage.adapter_weights)
@@ -143,7 +160,7 @@ def client_round(
                 params,
                 task,
                 data,
-                settings,
+                stage_settings,
                 seed=derive_seed(run_seed, "train", plan.round, plan.client_id, *([i] if i else [])),
                 pad_id=pad_id,
                 objective=objective,
@@ -153,6 +170,8 @@ def client_round(
             steps += int(stats["steps"])
             seen += int(stats["samples_seen"])
             loss_sum += float(stats["train_loss"]) * int(stats["samples_seen"])
+            if plan.fail_after is not None:
+                raise ClientDropped(f"client {plan.client_id} dropped out after {steps} local steps (simulated)")
         trained = {**start, **slots.read([k for k in start if k in slots.params], ranks)}
     finally:
         slots.reset_scales()

@@ -17,7 +17,7 @@ import torch
 
 from fedlora.adapters.peft_io import AdapterSlots, add_to_base, base_weights
 from fedlora.adapters.state import AdapterState, LoraLayout
-from fedlora.client.train import TrainSettings, client_round
+from fedlora.client.train import ClientDropped, TrainSettings, client_round
 from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, FedMethod, ServerState
 from fedlora.tasks.base import Encoded, Task
 
@@ -98,8 +98,12 @@ class LocalEngine:
                     run_seed=self.seed,
                     pad_id=self.pad_id,
                 )
+            except ClientDropped as e:  # a simulated failure: no traceback
+                log.info("round %d: %s", plan.round + 1, e)
+                replies.append(e)
+                continue
             except Exception as e:  # a failing client is rejected by the round logic, the round goes on
-                log.exception("client %d failed in round %d", plan.client_id, plan.round)
+                log.exception("client %d failed in round %d", plan.client_id, plan.round + 1)
                 replies.append(e)
                 continue
             if keep is not None:

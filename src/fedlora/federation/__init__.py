@@ -1,8 +1,9 @@
 """The round logic and the run loop shared by every engine: sampling, plans, reply validation, aggregation,
 evaluation, bytes, checkpoints and resume."""
 
-from fedlora.federation.loop import LoopHooks, Schedule, Store, run_federation, start_state
+from fedlora.federation.loop import LoopHooks, MemoryStore, RunStalled, Schedule, Store, run_federation, start_state
 from fedlora.federation.round import (
+    RoundPolicy,
     RoundReport,
     Runtime,
     base_update_for,
@@ -15,7 +16,10 @@ from fedlora.federation.round import (
 
 __all__ = [
     "LoopHooks",
+    "MemoryStore",
+    "RoundPolicy",
     "RoundReport",
+    "RunStalled",
     "Runtime",
     "Schedule",
     "Store",

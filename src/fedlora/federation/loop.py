@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from fedlora.adapters.state import AdapterState
-from fedlora.federation.round import RoundReport, Runtime, run_round, sample_clients
+from fedlora.federation.round import RoundPolicy, RoundReport, Runtime, run_round, sample_clients
 from fedlora.methods.base import FedMethod, ServerState
 
 log = logging.getLogger("fedlora")
@@ -25,6 +25,8 @@ class Store(Protocol):
     """Where a run keeps what must survive a crash."""
 
     def append_metrics(self, record: Mapping[str, Any]) -> None: ...
+
+    def read_metrics(self) -> list[dict[str, Any]]: ...
 
     def truncate_metrics(self, rounds_done: int) -> None: ...
 
@@ -40,12 +42,40 @@ class Store(Protocol):
     ) -> tuple[ServerState, dict[int, AdapterState], dict[str, torch.Tensor]] | None: ...
 
 
+class MemoryStore:
+    """A :class:`Store` in memory (benchmarks, tests, experiments that need no run directory): metrics and the
+    latest checkpoint only."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, Any]] = []
+        self.latest: tuple[ServerState, dict[int, AdapterState], dict[str, torch.Tensor]] | None = None
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        self.metrics.append(dict(record))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return list(self.metrics)
+
+    def truncate_metrics(self, rounds_done: int) -> None:
+        self.metrics = [r for r in self.metrics if r["round"] <= rounds_done]
+
+    def save_checkpoint(
+        self, server: ServerState, clients: Mapping[int, AdapterState], weights: Mapping[str, torch.Tensor]
+    ) -> None:
+        self.latest = (server, dict(clients), dict(weights))
+
+    def load_latest(self) -> tuple[ServerState, dict[int, AdapterState], dict[str, torch.Tensor]] | None:
+        return self.latest
+
+
 class LoopHooks:
     """Callbacks of the run loop (progress display); the defaults do nothing."""
 
-    def start_round(self, rnd: int, clients: list[int]) -> None: ...
+    def start_round(self, rnd: int, clients: list[int]) -> None:
+        """Round ``rnd`` (1-based) is about to start with these sampled clients."""
 
-    def end_round(self, report: RoundReport) -> None: ...
+    def end_round(self, report: RoundReport) -> None:
+        """A round finished (``report.round`` is 1-based)."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +94,40 @@ class Schedule:
         )
 
 
+class RunStalled(RuntimeError):
+    """No client reply was accepted for too many rounds in a row (or in the whole run); the message gives the
+    reasons the replies were rejected. The run directory keeps every checkpoint."""
+
+
+def _checkpoint(method: FedMethod, runtime: Runtime, store: Store, server: ServerState) -> None:
+    store.save_checkpoint(server, runtime.client_states(), runtime.base_weights() if method.changes_base else {})
+
+
 def start_state(
     method: FedMethod, runtime: Runtime, store: Store, initial: AdapterState, *, resume: bool
 ) -> ServerState:
-    """A fresh server state, or the latest checkpoint's (restoring the runtime's client state and base weights)."""
-    if not resume:
-        return method.init_server(initial)
-    found = store.load_latest()
-    if found is None:
-        raise FileNotFoundError("no complete checkpoint to resume from")
-    server, clients, weights = found
-    runtime.restore(server, clients, weights)
-    store.truncate_metrics(server.round)
-    log.info("resuming after round %d", server.round)
+    """The state to run from: fresh (saved at once as the round-0 checkpoint, before any client trains), or the
+    newest intact checkpoint's (restoring the runtime's client state and base weights). A run that has no intact
+    checkpoint yet (killed while loading) starts afresh: the result is the same, as everything is seeded."""
+    if resume:
+        found = store.load_latest()
+        if found is not None:
+            server, clients, weights = found
+            runtime.restore(server, clients, weights)
+            store.truncate_metrics(server.round)
+            log.info("resuming after round %d", server.round)
+            return server
+        log.warning("no intact checkpoint to resume from: starting the run from its beginning")
+        store.truncate_metrics(0)
+    server = method.init_server(initial)
+    _checkpoint(method, runtime, store, server)
     return server
+
+
+def _reasons(report: RoundReport) -> str:
+    if not report.rejected:
+        return "no client was sampled"
+    return "; ".join(f"client {c}: {why}" for c, why in sorted(report.rejected.items())[:8])
 
 
 def run_federation(
@@ -87,14 +137,34 @@ def run_federation(
     schedule: Schedule,
     server: ServerState,
     hooks: LoopHooks | None = None,
+    *,
+    policy: RoundPolicy | None = None,
+    max_failed_rounds: int | None = 3,
 ) -> ServerState:
-    """Run rounds ``server.round .. schedule.rounds - 1``, checkpointing after each; returns the final state."""
+    """Run rounds ``server.round + 1 .. schedule.rounds`` (1-based), checkpointing after each; returns the final
+    state. Raises :class:`RunStalled` when ``max_failed_rounds`` rounds in a row accept no reply, or when the run
+    ends without ever accepting one."""
     hooks = hooks or LoopHooks()
+    history = store.read_metrics()
+    failed = 0
+    for record in reversed(history):  # a resumed run continues the count of failed rounds it was in
+        if record.get("accepted"):
+            break
+        failed += 1
     for rnd in range(server.round, schedule.rounds):
         clients = schedule.clients(rnd)
-        hooks.start_round(rnd, clients)
-        server, report = run_round(rnd, method, server, runtime, clients=clients)
+        hooks.start_round(rnd + 1, clients)
+        server, report = run_round(rnd, method, server, runtime, clients=clients, policy=policy)
         store.append_metrics(report.record())
-        store.save_checkpoint(server, runtime.client_states(), runtime.base_weights() if method.changes_base else {})
+        _checkpoint(method, runtime, store, server)
         hooks.end_round(report)
+        history.append(report.record())
+        failed = 0 if report.accepted else failed + 1
+        if max_failed_rounds and failed >= max_failed_rounds:
+            raise RunStalled(
+                f"no client reply was accepted in {failed} rounds in a row (rounds {report.round - failed + 1}.."
+                f"{report.round}); the last round's reasons: {_reasons(report)}"
+            )
+    if history and not any(r.get("accepted") for r in history):
+        raise RunStalled(f"no client reply was accepted in any of the run's {len(history)} rounds")
     return server
