@@ -285,3 +285,20 @@ def test_a_sign_flipped_update_is_rejected_by_the_direction_check(layout, gen) -
         0, method, server, FakeRuntime(replies), clients=list(range(8)), policy=RoundPolicy(min_cosine=None)
     )
     assert off.accepted == list(range(8))
+
+
+@pytest.mark.parametrize("name", ["fedit", "flora", "fedsa_lora", "scaffold", "hetlora"])
+def test_updates_are_measured_from_what_the_client_started_with(layout, gen, name) -> None:
+    """The server's reference for a reply (what the norm bound and the direction check measure from) is the
+    client's start state wherever the server can know it: the download, and FLoRA's freshly drawn factors."""
+    method = build_method(name, layout)
+    initial = random_state(layout, gen)
+    server = method.init_server(initial)
+    plan = method.plan(0, 1, server)
+    start = method.start_state(plan, initial, None)
+    ref = method.reference(plan)
+    for k in plan.upload_keys:
+        if k in ref:
+            assert torch.equal(ref[k], start[k]), k
+    lora = [k for k in plan.upload_keys if "lora_" in k]
+    assert all(k in ref for k in lora) or name == "scaffold", (name, sorted(set(lora) - set(ref)))

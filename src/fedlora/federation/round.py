@@ -281,7 +281,8 @@ class RoundPolicy:
     plan's stages). A reply claiming other counts is rejected. Methods also cap each client's share of a round
     (``max_weight_ratio``, applied in :meth:`fedlora.methods.base.FedMethod.weights`).
 
-    *Update norm.* A reply's update is what it uploaded minus what it was sent (zero for keys it was not sent).
+    *Update norm.* A reply's update is what it uploaded minus what it started from (what it was sent, and the
+    factors a re-initialising plan draws: :meth:`fedlora.methods.base.FedMethod.reference`; zero for other keys).
     With ``norm_bound=c``, an update whose norm exceeds ``c`` times the round's median update norm (lower median,
     over the valid replies) is scaled back onto that bound (``norm_action="clip"``) or rejected (``"reject"``).
 
@@ -352,9 +353,10 @@ def _reference(download: Mapping[str, torch.Tensor], key: str, like: torch.Tenso
     return ref[tuple(slice(0, n) for n in like.shape)].float()
 
 
-def _deltas(update: ClientUpdate, plan: ClientPlan) -> dict[str, torch.Tensor]:
-    """A reply's update: what it uploaded minus what it was sent (zeros for keys it was not sent), float32."""
-    return {k: v.float() - _reference(plan.download, k, v) for k, v in update.state.items()}
+def _deltas(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reply's update: what it uploaded minus what it started from (zeros for keys the server cannot know),
+    float32."""
+    return {k: v.float() - _reference(reference, k, v) for k, v in update.state.items()}
 
 
 def _cosines(deltas: Sequence[Mapping[str, torch.Tensor]]) -> list[float] | None:
@@ -383,13 +385,14 @@ def _cosines(deltas: Sequence[Mapping[str, torch.Tensor]]) -> list[float] | None
 
 
 def bound_influence(
-    accepted: list[ClientUpdate], plans: Mapping[int, ClientPlan], policy: RoundPolicy
+    accepted: list[ClientUpdate], references: Mapping[int, Mapping[str, torch.Tensor]], policy: RoundPolicy
 ) -> tuple[list[ClientUpdate], dict[int, str], dict[int, str]]:
-    """Apply ``policy``'s direction check and norm bound to the round's valid replies: returns the replies kept
-    (clipped ones scaled back onto the bound), the rejected ones and the clipped ones (client → reason)."""
+    """Apply ``policy``'s direction check and norm bound to the round's valid replies (each measured from its
+    client's ``references``: :meth:`FedMethod.reference`): returns the replies kept (clipped ones scaled back onto
+    the bound), the rejected ones and the clipped ones (client → reason)."""
     if len(accepted) < 3 or (policy.norm_bound is None and policy.min_cosine is None):
         return accepted, {}, {}
-    deltas = [_deltas(u, plans[u.client_id]) for u in accepted]
+    deltas = [_deltas(u, references[u.client_id]) for u in accepted]
     rejected: dict[int, str] = {}
     if policy.min_cosine is not None:
         cosines = _cosines(deltas)
@@ -398,7 +401,8 @@ def bound_influence(
             if cos < policy.min_cosine:
                 rejected[u.client_id] = f"update points away from the round's median update (cosine {cos:.3f})"
     norms = [math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in d.values())) for d in deltas]
-    median = sorted(norms)[(len(norms) - 1) // 2]
+    valid = sorted(n for u, n in zip(accepted, norms, strict=True) if u.client_id not in rejected) or [0.0]
+    median = valid[(len(valid) - 1) // 2]
     bound = policy.norm_bound * median if policy.norm_bound is not None and median > 0 else math.inf
     kept, clipped = [], {}
     for u, d, norm in zip(accepted, deltas, norms, strict=True):
@@ -412,7 +416,7 @@ def bound_influence(
             rejected[u.client_id] = why
             continue
         factor = bound / norm
-        ref = plans[u.client_id].download
+        ref = references[u.client_id]
         state = {k: (_reference(ref, k, v) + d[k] * factor).to(v.dtype) for k, v in u.state.items()}
         kept.append(replace(u, state=state))
         clipped[u.client_id] = why + " (clipped)"
@@ -471,8 +475,8 @@ def run_round(
             accepted.append(out)
         else:
             rejected[plan.client_id] = out
-    by_client = {p.client_id: p for p in plans}
-    accepted, too_large, clipped = bound_influence(accepted, by_client, policy)
+    refs = {p.client_id: method.reference(p) for p in plans if p.client_id in {u.client_id for u in accepted}}
+    accepted, too_large, clipped = bound_influence(accepted, refs, policy)
     rejected.update(too_large)
     for cid, why in sorted(rejected.items()):
         log.warning("round %d: rejected the reply of client %d: %s", rnd + 1, cid, why)

@@ -622,6 +622,18 @@ class FedMethod(ABC):
                 state[spec.b_key] = b.to(initial[spec.b_key].dtype)
         return state
 
+    def reference(self, plan: ClientPlan) -> AdapterState:
+        """What the server knows a client of ``plan`` started from: the download, and the freshly drawn factors
+        when the plan re-draws them (a reply's update, which the round bounds, is measured from here)."""
+        ref = dict(plan.download)
+        if plan.reinit_seed is not None:
+            gen = torch.Generator().manual_seed(plan.reinit_seed)
+            for spec in self.layout.modules:
+                r = plan.ranks[spec.name].rank
+                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
+                ref[spec.a_key], ref[spec.b_key] = a, b
+        return ref
+
     def objective(self, plan: ClientPlan, start: AdapterState, personal: AdapterState | None) -> Objective | None:
         """What shapes the client's local training besides the task loss (None: the task loss alone)."""
         return None
