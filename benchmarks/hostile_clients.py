@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attack names")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run option")
+    p.add_argument("--clean", action="store_true", help="also run with every client honest")
     p.add_argument("--out", help="append one JSON line per run to this file")
     args = p.parse_args()
     extra = dict(item.split("=", 1) for item in args.set)
@@ -62,10 +63,11 @@ def main() -> None:
         f"method={cfg.method} rounds={cfg.rounds} norm_bound={cfg.norm_bound} norm_action={cfg.norm_action} "
         f"max_weight_ratio={getattr(cfg, 'max_weight_ratio', None)} aggregator={getattr(cfg, 'aggregator', 'mean')}"
     )
-    rows = [_run(cfg, None), _run(cfg, "drop")]
+    rows = ([_run(cfg, None)] if args.clean else []) + [_run(cfg, "drop")]
     base = rows[-1]["accuracy"]
     for attack in [a.strip() for a in args.attacks.split(",") if a.strip()]:
         rows.append(_run(cfg, attack))
+        print(rows[-1], flush=True)
     print("\n| attack | accuracy | vs dropped (points) | within 2 points | rounds rejected | rounds clipped |")
     print("|---|---|---|---|---|---|")
     for r in rows:
