@@ -190,7 +190,7 @@ def _norm_round(layout, gen, attack, policy):
 
 
 def test_a_huge_update_is_clipped_onto_the_median_bound(layout, gen) -> None:
-    server, new, report = _norm_round(layout, gen, 1e4, RoundPolicy(norm_bound=3.0))
+    server, new, report = _norm_round(layout, gen, 1e4, RoundPolicy(norm_bound=3.0, norm_action="clip"))
     assert report.accepted == list(range(8)) and list(report.clipped) == [0]
     step = torch.cat([(new.adapter[k] - server.adapter[k]).flatten() for k in layout.all_keys])
     honest = torch.cat([0.01 * torch.ones(server.adapter[k].numel()) for k in layout.all_keys])
@@ -200,8 +200,8 @@ def test_a_huge_update_is_clipped_onto_the_median_bound(layout, gen) -> None:
     assert torch.cat([(unbounded.adapter[k] - server.adapter[k]).flatten() for k in layout.all_keys]).norm() > 100
 
 
-def test_a_huge_update_can_be_rejected_instead(layout, gen) -> None:
-    _, _, report = _norm_round(layout, gen, 1e4, RoundPolicy(norm_bound=3.0, norm_action="reject"))
+def test_a_huge_update_is_rejected_by_default(layout, gen) -> None:
+    _, _, report = _norm_round(layout, gen, 1e4, RoundPolicy(norm_bound=3.0))  # the default action
     assert report.accepted == list(range(1, 8)) and "update norm" in report.rejected[0]
 
 
@@ -253,12 +253,14 @@ def _hostile_run(model: str, tmp_path, attack: str) -> float:
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_one_hostile_client_among_eight_costs_at_most_two_points(attack, tiny_bert, tmp_path) -> None:
-    """Under the defaults, a hostile client's run stays within 2 points of the run without it; attacks that are
-    rejected outright give exactly the dropped client's result."""
+    """Under the defaults, a hostile client's run stays within 2 points of the run without it. Attacks caught by
+    validation, the known counts or the norm bound are rejected in every round, so their run is exactly the dropped
+    client's; a sign flip is caught by the direction check in most rounds (its cosine with the median is not
+    negative in every round of this tiny non-IID run), so it only has to stay within 2 points."""
     dropped = _hostile_run(tiny_bert, tmp_path, "drop")
     hostile = _hostile_run(tiny_bert, tmp_path, attack)
     assert dropped > 0.3, dropped  # the run learns (chance is 1/8)
-    if attack in ("huge_norm", "sign_flip"):  # accepted (clipped or as is): bounded, not removed
+    if attack == "sign_flip":
         assert abs(hostile - dropped) <= 0.02, (attack, hostile, dropped)
     else:
         assert hostile == dropped, (attack, hostile, dropped)

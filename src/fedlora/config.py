@@ -170,8 +170,9 @@ class RunConfig:
         minimum=1.0,
     )
     norm_action: str = _opt(
-        "clip",
-        "what happens to an update above norm_bound: clip (scaled back onto it) or reject",
+        "reject",
+        "what happens to an update above norm_bound: reject (such an update is anomalous) or clip (scaled back onto "
+        "the bound; it still pushes norm_bound times a typical step)",
         str,
         choices=("clip", "reject"),
     )
