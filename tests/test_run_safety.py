@@ -134,3 +134,10 @@ def test_clients_failing_mid_round_and_stragglers_do_not_stop_a_run(tiny_bert, t
     assert all("dropped out after" in why or "points away" in why for why in rejected), rejected
     assert result.final["global_accuracy"] > 0.25, result.final
     assert os.path.isfile(result.run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_run_that_fails_on_bad_input_leaves_no_directory_and_its_name_free(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(_tiny_args(str(tmp_path / "no-model"), out, "--run-name", "r")) == 2
+    assert "no-model" in capsys.readouterr().err
+    assert not (out / "r").exists()

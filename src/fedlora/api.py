@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from fedlora.config import ConfigError, RunConfig, default_threads
 from fedlora.engines.local import ClientSplits, LocalEngine
 from fedlora.federation import LoopHooks, RoundPolicy, RoundReport, Schedule, run_federation, start_state
 from fedlora.methods import FedMethod, MethodContext, build_method, derive_seed
-from fedlora.models.loading import add_named_adapter, check_tokenizer
+from fedlora.models.loading import ModelError, add_named_adapter, check_tokenizer
 from fedlora.runs import RunDir
 from fedlora.tasks import Task, get_task
 
@@ -230,7 +231,14 @@ def run(cfg: RunConfig | None = None) -> RunResult:
     run_dir = RunDir.reserve(cfg.out_dir, cfg.run_name, stem, keep_checkpoints=cfg.keep_checkpoints)
     run_dir.write_config(cfg.to_dict())
     log.info("run directory: %s", run_dir.path)
-    return _execute(cfg, run_dir, resuming=False)
+    from fedlora.data import DataError
+
+    try:
+        return _execute(cfg, run_dir, resuming=False)
+    except (ConfigError, DataError, ModelError):
+        if not run_dir.checkpoints():  # bad input found while loading: nothing to keep, the name stays free
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
 
 
 def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
