@@ -109,3 +109,12 @@ def test_simulated_dropouts_are_rejected_and_stragglers_work_less(layout, gen) -
     slow = [p for p in rt.plans if p.fail_after is None and p.work == 0.25]
     assert 0.2 < len(fails) / len(rt.plans) < 0.4 and 0.15 < len(slow) / len(rt.plans) < 0.3
     assert sum(len(r["rejected"]) for r in store.metrics) == len(fails)
+
+
+def test_a_straggler_trains_its_share_of_the_local_steps() -> None:
+    from fedlora.client.train import TrainSettings, _budget
+
+    s = TrainSettings(epochs=2, batch_size=16)
+    assert _budget(s, 100, 1.0) is s  # 2 epochs of 7 batches
+    assert _budget(s, 100, 0.5).steps == 7 and _budget(s, 100, 0.01).steps == 1
+    assert _budget(TrainSettings(steps=10), 100, 0.25).steps == 3
