@@ -10,6 +10,7 @@ that travelled (counted on encoded payloads) — is decided here, once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -260,7 +261,7 @@ def _display_metrics(metrics: Any) -> dict[str, float]:
     if not isinstance(metrics, Mapping):
         return {}
     out = {}
-    for k, v in list(metrics.items())[:32]:
+    for k, v in itertools.islice(metrics.items(), 32):
         if isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)):
             out[k] = float(v)
     return out
