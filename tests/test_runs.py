@@ -279,8 +279,7 @@ def test_retention_rejects_bad_counts(tmp_path: Path, bad) -> None:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def test_metrics_round_trip_and_truncate(tmp_path: Path) -> None:
-    rd = RunDir(tmp_path)
-    rd.create({"a": 1}, {"labels": ["x"]})
+    rd = RunDir.reserve(tmp_path, "r", "x")
     for k in (1, 2, 3):
         rd.append_metrics({"round": k, "train_loss": 1.0 / k})
     assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
@@ -348,11 +347,13 @@ def test_plot_uses_one_based_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 # ---------------------------------------------------------------------------------------------- atomic files
 def test_files_are_replaced_atomically(tmp_path: Path) -> None:
-    rd = RunDir(tmp_path)
-    rd.create({"a": 1}, {"labels": ["x"]})
+    rd = RunDir.reserve(tmp_path, "r", "x")
+    rd.write_config({"a": 1})
+    rd.write_data_info({"labels": ["x"]})
+    rd.append_metrics({"round": 1})
     rd.write_summary({"final": {"acc": 0.5}})
     rd.save_base_delta({"m": torch.ones(2, 2)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in rd.path.iterdir()) == [
         MARKER,
         "base_delta.safetensors",
         "config.json",
@@ -369,7 +370,7 @@ def test_files_are_replaced_atomically(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="disk full"):
         runs._atomic_write(rd.config_path, dies)
     assert rd.read_config() == {"a": 1}  # the old file is untouched, no temp file is left behind
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in rd.path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_read_config_errors(tmp_path: Path) -> None:

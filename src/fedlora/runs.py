@@ -88,12 +88,9 @@ def _write_durable(path: Path, data: bytes | str | Callable[[Path], None]) -> di
     fsync it; returns the file's ``{"sha256": ..., "bytes": ...}``."""
     if callable(data):
         data(path)
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
             os.fsync(f.fileno())
-        return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+        return {"sha256": _file_digest(path), "bytes": path.stat().st_size}
     raw = data.encode() if isinstance(data, str) else data
     with open(path, "wb") as f:
         f.write(raw)
@@ -331,16 +328,6 @@ class RunDir:
         if not _is_run_dir(p):
             raise RunDirError(f"{str(p)!r} is not a fedlora run directory (no {MARKER} marker and no config.json)")
         return cls(p, keep_checkpoints=keep_checkpoints)
-
-    def create(self, config: Mapping[str, Any], data_info: Mapping[str, Any]) -> None:
-        """Write the resolved configuration, the data description and an empty ``metrics.jsonl``."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not self.marker_path.is_file():
-            marker = {"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
-            _atomic_write(self.marker_path, _json_text(marker))
-        self.write_data_info(data_info)
-        _atomic_write(self.metrics_path, b"")
-        self.write_config(config)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Write (or replace, atomically) ``config.json``, the resolved configuration ``--resume`` reloads."""
