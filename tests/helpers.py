@@ -51,3 +51,28 @@ def tiny_config(model: str, tmp_path, **kw):
     )
     base.update(kw)
     return RunConfig(**base)
+
+
+def tiny_cli_args(model: str, out, *extra: str) -> list[str]:
+    """``fedlora run`` arguments for a one-round, two-client run on ``model`` into ``out`` (one thread, no
+    progress bar); ``extra`` flags follow and override."""
+    return [
+        "run",
+        "--model",
+        model,
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--max-examples-per-label",
+        "10",
+        "--partition",
+        "iid",
+        "--out-dir",
+        str(out),
+        "--progress",
+        "false",
+        "--threads",
+        "1",
+        *extra,
+    ]

@@ -149,25 +149,9 @@ def test_cli_rejects_bad_input_before_any_work(capsys, tmp_path) -> None:
 
 
 def test_cli_runs_and_resumes(tiny_bert: str, tmp_path, capsys) -> None:
-    args = [
-        "run",
-        "--model",
-        tiny_bert,
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--max-examples-per-label",
-        "10",
-        "--partition",
-        "iid",
-        "--out-dir",
-        str(tmp_path),
-        "--run-name",
-        "r",
-        "--progress",
-        "false",
-    ]
+    from helpers import tiny_cli_args
+
+    args = tiny_cli_args(tiny_bert, tmp_path, "--run-name", "r")
     assert main(args) == 0
     assert "global_accuracy=" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())

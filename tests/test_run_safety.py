@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+from helpers import tiny_cli_args as _tiny_args
 from helpers import tiny_config
 from safetensors.torch import load_file
 
@@ -31,29 +32,6 @@ def test_every_numeric_option_rejects_nan_and_inf(name: str, value) -> None:
 def test_boolean_options_parse_strictly(value: str) -> None:
     with pytest.raises(ConfigError, match="progress"):
         RunConfig.from_dict({"progress": value})
-
-
-def _tiny_args(model: str, out, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--model",
-        model,
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--max-examples-per-label",
-        "10",
-        "--partition",
-        "iid",
-        "--out-dir",
-        str(out),
-        "--progress",
-        "false",
-        "--threads",
-        "1",
-        *extra,
-    ]
 
 
 def test_output_location_is_checked_before_anything_is_loaded(tmp_path, capsys) -> None:
