@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -21,9 +22,19 @@ from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
 from fedlora.engines.local import ClientSplits, LocalEngine
-from fedlora.federation import LoopHooks, RoundPolicy, RoundReport, Schedule, run_federation, start_state
+from fedlora.federation import (
+    LoopHooks,
+    RoundPolicy,
+    RoundReport,
+    Runtime,
+    Schedule,
+    budget_stop,
+    run_federation,
+    start_state,
+)
 from fedlora.methods import FedMethod, MethodContext, build_method, derive_seed
 from fedlora.models.loading import ModelError, add_named_adapter, check_tokenizer
+from fedlora.privacy.user_level import UserLevelDP
 from fedlora.runs import RunDir
 from fedlora.tasks import Task, get_task
 
@@ -42,6 +53,8 @@ class RunResult:
     base_delta: dict[str, torch.Tensor]
     personal: dict[int, AdapterState]
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    """Why the run ended before ``config.rounds`` (its privacy budget was spent), or None."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -79,7 +92,66 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     out_dir = str(Path(cfg.out_dir).expanduser().resolve())
     if out_dir != cfg.out_dir:
         changes["out_dir"] = out_dir
+    if cfg.dp_clip is not None and cfg.dp_noise is None:  # user-level DP with a target: calibrate the noise
+        sigma = calibrate_dp_noise(cfg.replace(**changes) if changes else cfg)
+        target, rounds = cfg.dp_target_epsilon, cfg.rounds
+        log.info("user-level DP: noise multiplier %.6g spends epsilon %g in %d rounds", sigma, target, rounds)
+        changes["dp_noise"] = sigma
     return cfg.replace(**changes) if changes else cfg
+
+
+def schedule_of(cfg: RunConfig) -> Schedule:
+    """The run's client schedule: rounds and each round's sampled clients (seeded)."""
+    return Schedule(
+        rounds=cfg.rounds,
+        num_clients=cfg.clients,
+        seed=cfg.seed,
+        clients_per_round=cfg.clients_per_round,
+        client_fraction=cfg.client_fraction,
+        sampling=cfg.client_sampling,
+    )
+
+
+def privacy_of(cfg: RunConfig, noise: float | None = None) -> UserLevelDP | None:
+    """The run's user-level DP (None when ``dp_clip`` is not set); ``noise`` replaces ``dp_noise``. Every engine
+    builds it here: the round logic adds server noise with it, the clients their own noise, the loop reports ε."""
+    if cfg.dp_clip is None:
+        return None
+    sigma = cfg.dp_noise if noise is None else noise
+    if sigma is None:
+        raise ConfigError("dp_noise is not set: resolve_config calibrates it from dp_target_epsilon")
+    poisson = cfg.client_sampling == "poisson"
+    return UserLevelDP(
+        clip=cfg.dp_clip,
+        noise=sigma,
+        num_clients=cfg.clients,
+        sampling=cfg.client_sampling,
+        per_round=None if poisson else schedule_of(cfg).per_round,
+        rate=cfg.client_fraction if poisson else None,
+        noise_at=cfg.dp_noise_at,
+        delta=cfg.dp_delta,
+        target_epsilon=cfg.dp_target_epsilon,
+        seed=cfg.seed,
+        secure_noise=cfg.dp_secure_noise,
+    )
+
+
+def calibrate_dp_noise(cfg: RunConfig) -> float:
+    """The smallest noise multiplier (relative precision 1e-4) with which ``cfg.rounds`` rounds spend at most
+    ``dp_target_epsilon`` under the RDP accountant (with client noise: for the client the schedule samples most)."""
+    from fedlora.privacy.accounting import calibrate_noise
+
+    if cfg.dp_clip is None or cfg.dp_target_epsilon is None:
+        raise ConfigError("calibrating the noise needs dp_clip and dp_target_epsilon")
+    worst = schedule_of(cfg).most_participations(cfg.rounds) if cfg.dp_noise_at == "client" else None
+
+    def epsilon(sigma: float) -> float:
+        dp = privacy_of(cfg, sigma)
+        assert dp is not None
+        eps = dp.epsilon(cfg.rounds, worst)
+        return math.inf if eps is None else eps
+
+    return calibrate_noise(epsilon, cfg.dp_target_epsilon)
 
 
 def _settings(cfg: RunConfig) -> TrainSettings:
@@ -92,6 +164,9 @@ def _settings(cfg: RunConfig) -> TrainSettings:
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         max_grad_norm=cfg.max_grad_norm,
+        dp_sgd_noise=cfg.dp_sgd_noise,
+        dp_sgd_clip=cfg.dp_sgd_clip,
+        user_dp=privacy_of(cfg),
     )
 
 
@@ -207,6 +282,13 @@ def _policy(cfg: RunConfig, engine: LocalEngine) -> RoundPolicy:
         budget = {cid: cfg.local_steps * cfg.batch_size for cid in sizes}
     else:
         budget = {cid: cfg.local_epochs * n for cid, n in sizes.items()}
+    if cfg.dp_sgd_noise is not None:  # a Poisson batch may hold every example: at most n per step
+        from fedlora.privacy.dpsgd import pass_steps
+
+        budget = {
+            cid: n * pass_steps(n, cfg.batch_size, epochs=cfg.local_epochs, steps=cfg.local_steps)
+            for cid, n in sizes.items()
+        }
     return RoundPolicy(
         client_examples=sizes,
         max_samples_per_stage=budget,
@@ -220,11 +302,28 @@ def _policy(cfg: RunConfig, engine: LocalEngine) -> RoundPolicy:
     )
 
 
-def run(cfg: RunConfig | None = None) -> RunResult:
+def _with_dp_sgd(runtime: Runtime, setup: Setup, schedule: Schedule, policy: RoundPolicy) -> Runtime:
+    """``runtime``, reporting each client's DP-SGD epsilon when DP-SGD is on (:mod:`fedlora.privacy.dpsgd`)."""
+    cfg = setup.config
+    if cfg.dp_sgd_noise is None:
+        return runtime
+    from fedlora.privacy.dpsgd import AccountedRuntime, run_ledger
+
+    sizes = [len(c.train) for c in setup.engine.clients]
+    return AccountedRuntime(runtime, run_ledger(cfg, setup.method, setup.engine.initial, sizes, schedule, policy))
+
+
+RuntimeFactory = Callable[["Setup", RunDir], Runtime]
+"""Builds the engine that does the client work from the assembled run (default: the local engine itself)."""
+
+
+def run(cfg: RunConfig | None = None, *, runtime: RuntimeFactory | None = None) -> RunResult:
     """Run a federated fine-tuning job in a new run directory; returns a :class:`RunResult`.
 
     The run directory is reserved (atomically, inside ``out_dir``) and holds the configuration before anything
     is loaded; the round-0 checkpoint is written before any client trains, so a kill at any point is resumable.
+    ``runtime`` replaces the local engine for the client work (the Flower ServerApp passes one whose clients are
+    SuperNodes); everything else (sampling, validation, aggregation, checkpoints) is the same.
     """
     cfg = resolve_config(cfg or RunConfig())
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
@@ -234,14 +333,14 @@ def run(cfg: RunConfig | None = None) -> RunResult:
     from fedlora.data import DataError
 
     try:
-        return _execute(cfg, run_dir, resuming=False)
+        return _execute(cfg, run_dir, resuming=False, make_runtime=runtime)
     except (ConfigError, DataError, ModelError):
         if not run_dir.checkpoints():  # bad input found while loading: nothing to keep, the name stays free
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
 
 
-def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
+def resume(run_dir: str | Path, *, runtime: RuntimeFactory | None = None, **overrides: Any) -> RunResult:
     """Continue the run in ``run_dir`` after its newest intact checkpoint (from its beginning if it has none).
 
     The run's saved configuration is used; only ``rounds`` (to extend a run), ``progress`` and ``threads`` may
@@ -255,47 +354,74 @@ def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
     rd = RunDir.open_existing(run_dir)
     cfg = resolve_config(RunConfig.from_dict(rd.read_config()).replace(**overrides))
     rd.keep_checkpoints = cfg.keep_checkpoints
-    return _execute(cfg, rd, resuming=True)
+    return _execute(cfg, rd, resuming=True, make_runtime=runtime)
 
 
-def _execute(cfg: RunConfig, run_dir: RunDir, *, resuming: bool) -> RunResult:
+def _execute(
+    cfg: RunConfig, run_dir: RunDir, *, resuming: bool, make_runtime: RuntimeFactory | None = None
+) -> RunResult:
     torch.set_num_threads(cfg.threads)
     progress = _Progress(cfg)
     setup = build(cfg, on_client_done=progress.client_done)
     engine, method = setup.engine, setup.method
     run_dir.write_data_info(setup.data_info)
-    server = start_state(method, engine, run_dir, engine.initial, resume=resuming)
+    runtime: Runtime = engine if make_runtime is None else make_runtime(setup, run_dir)
+    server = start_state(method, runtime, run_dir, engine.initial, resume=resuming)
     if server.round > cfg.rounds:
         raise ConfigError(
             f"the run in {run_dir.path} has completed {server.round} rounds; --rounds must be at least {server.round}"
         )
     if resuming:
         run_dir.write_config(cfg.to_dict())  # an extended run stays extended when resumed again
-    schedule = Schedule(
-        rounds=cfg.rounds,
-        num_clients=cfg.clients,
-        seed=cfg.seed,
-        clients_per_round=cfg.clients_per_round,
-        client_fraction=cfg.client_fraction,
-    )
+    schedule = schedule_of(cfg)
+    privacy = privacy_of(cfg)
+    if privacy is not None:
+        log.info(
+            "user-level DP: clip %g, noise multiplier %g at the %s, %s sampling, delta %g; epsilon for %s neighbours",
+            privacy.clip,
+            privacy.noise,
+            privacy.noise_at,
+            privacy.sampling,
+            privacy.delta,
+            privacy.neighbours(),
+        )
+    policy = _policy(cfg, engine)
     server = run_federation(
         method,
-        engine,
+        _with_dp_sgd(runtime, setup, schedule, policy),
         run_dir,
         schedule,
         server,
         progress,
-        policy=_policy(cfg, engine),
+        policy=policy,
         max_failed_rounds=cfg.max_failed_rounds,
+        privacy=privacy,
     )
-    _save_final(run_dir, setup, server, engine)
+    _save_final(run_dir, setup, server, engine, personal=runtime is engine)
     history = run_dir.read_metrics()
-    run_dir.write_summary({"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}})
-    return RunResult(run_dir.path, cfg, server.adapter, server.base_delta, dict(engine.personal), history)
+    stopped = budget_stop(privacy, schedule, server.round) if server.round < cfg.rounds else None
+    summary: dict[str, Any] = {"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}}
+    if privacy is not None:
+        summary["privacy"] = {
+            "dp_clip": privacy.clip,
+            "dp_noise": privacy.noise,
+            "dp_noise_at": privacy.noise_at,
+            "client_sampling": privacy.sampling,
+            "dp_delta": privacy.delta,
+            "dp_epsilon": history[-1].get("dp_epsilon") if history else 0.0,
+            "neighbours": privacy.neighbours(),
+        }
+    if stopped:
+        summary["rounds_done"], summary["stopped"] = server.round, stopped
+    run_dir.write_summary(summary)
+    return RunResult(
+        run_dir.path, cfg, server.adapter, server.base_delta, runtime.client_states(), history, stopped=stopped
+    )
 
 
-def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine) -> None:
-    """The global adapter, and each client's own adapters (all of its named adapters), in peft's format.
+def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine, *, personal: bool = True) -> None:
+    """The global adapter, and each client's own adapters (all of its named adapters, when ``personal``: the
+    server holds them), in peft's format.
 
     Each directory is written under a hidden name and renamed into place when complete; its adapter configs name
     the real base model (hub id, or a local directory's absolute path) and ``labels.json`` lists the label names.
@@ -314,7 +440,7 @@ def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine)
         describe_saved_adapter(tmp, setup.config.model, labels)
         replace_dir(tmp, run_dir.path / "adapter")
     run_dir.save_base_delta(server.base_delta)
-    if setup.method.has_personal_state:
+    if setup.method.has_personal_state and personal:
         root = staging_dir(run_dir.path / "personal")
         try:
             for cid in range(len(engine.clients)):

@@ -137,47 +137,58 @@ class LocalEngine:
         self.base_version = server.base_version
 
     def evaluate(self, server: ServerState) -> dict[str, float]:
-        self._sync_base(server)
-        metrics: dict[str, float] = {}
-        if self.method.has_global_model:
-            self.slots.load(server.adapter)
-            self.slots.reset_scales()
-            m = self.task.evaluate(self.model, self.global_test, self.eval_batch_size, self.pad_id)
-            metrics["global_accuracy"] = m["accuracy"]
-            metrics["global_loss"] = m["loss"]
+        metrics = self.evaluate_global(server)
         if self.method.has_personal_state:
             metrics.update(self.evaluate_personal(server))
         return metrics
 
-    # ------------------------------------------------------------------ helpers
-    def client_model_state(self, client_id: int, server: ServerState) -> tuple[AdapterState, ClientPlan]:
-        """The adapter client ``client_id`` would use now (what it would receive ∪ what it keeps) and its plan."""
-        plan = dataclasses.replace(self.method.plan(server.round, client_id, server), reinit_seed=None)
-        state = self.method.start_state(plan, self.initial, self.personal.get(client_id))
-        return {k: v for k, v in state.items() if k in self.slots.params}, plan
+    def evaluate_global(self, server: ServerState) -> dict[str, float]:
+        """Accuracy and loss of the global model on the global test split (nothing for methods without one)."""
+        self._sync_base(server)
+        if not self.method.has_global_model:
+            return {}
+        self.slots.load(server.adapter)
+        self.slots.reset_scales()
+        m = self.task.evaluate(self.model, self.global_test, self.eval_batch_size, self.pad_id)
+        return {"global_accuracy": m["accuracy"], "global_loss": m["loss"]}
 
-    def load_client_model(self, client_id: int, server: ServerState) -> None:
-        """Put client ``client_id``'s own model into the shared one (its ranks, scales and adapter mix)."""
-        state, plan = self.client_model_state(client_id, server)
+    # ------------------------------------------------------------------ helpers
+    def model_plan(self, client_id: int, server: ServerState) -> ClientPlan:
+        """The plan that gives client ``client_id``'s own model now (what it would receive; no fresh factors)."""
+        return dataclasses.replace(self.method.plan(server.round, client_id, server), reinit_seed=None)
+
+    def load_client_model(self, client_id: int, server: ServerState, plan: ClientPlan | None = None) -> None:
+        """Put client ``client_id``'s own model into the shared one (its ranks, scales and adapter mix): what
+        ``plan`` (default: :meth:`model_plan`) sends it joined with what it keeps."""
+        plan = plan or self.model_plan(client_id, server)
+        state = self.method.start_state(plan, self.initial, self.personal.get(client_id))
         self.slots.load(self.initial)  # clears rank padding and adapters the client does not hold
-        self.slots.load(state)
+        self.slots.load({k: v for k, v in state.items() if k in self.slots.params})
         self.slots.set_scales({k: v.scale for k, v in plan.ranks.items()}, self.method.inference_weights(client_id))
+
+    def evaluate_client(self, client_id: int, server: ServerState, plan: ClientPlan | None = None) -> dict[str, float]:
+        """Accuracy, loss and test-split size of client ``client_id``'s own model on its own test split."""
+        splits = self.clients[client_id]
+        if len(splits.test) == 0:
+            return {"accuracy": 0.0, "loss": 0.0, "examples": 0}
+        try:
+            self.load_client_model(client_id, server, plan)
+            m = self.task.evaluate(self.model, splits.test, self.eval_batch_size, self.pad_id)
+        finally:
+            self.slots.reset_scales()
+        return {"accuracy": m["accuracy"], "loss": m["loss"], "examples": len(splits.test)}
 
     def evaluate_personal(self, server: ServerState) -> dict[str, float]:
         """Accuracy and loss of each client's own model on its own test split, weighted by split size."""
-        total, acc, loss = 0, 0.0, 0.0
-        try:
-            for cid, splits in enumerate(self.clients):
-                if len(splits.test) == 0:
-                    continue
-                self.load_client_model(cid, server)
-                m = self.task.evaluate(self.model, splits.test, self.eval_batch_size, self.pad_id)
-                n = len(splits.test)
-                total += n
-                acc += m["accuracy"] * n
-                loss += m["loss"] * n
-        finally:
-            self.slots.reset_scales()
-        if total == 0:
-            return {}
-        return {"personal_accuracy": acc / total, "personal_loss": loss / total}
+        return weighted_personal([self.evaluate_client(cid, server) for cid in range(len(self.clients))])
+
+
+def weighted_personal(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """``personal_accuracy``/``personal_loss``: the clients' own results weighted by their test-split sizes."""
+    total = sum(int(r["examples"]) for r in results)
+    if total == 0:
+        return {}
+    return {
+        "personal_accuracy": sum(r["accuracy"] * r["examples"] for r in results) / total,
+        "personal_loss": sum(r["loss"] * r["examples"] for r in results) / total,
+    }

@@ -1,0 +1,185 @@
+"""The Flower app in process: the ServerApp runs fedlora's run loop, ClientApps run its client code, with an
+in-process Grid (the same functions, messages and records as a deployment; only the transport is missing).
+
+The loopback deployment (SuperLink and SuperNodes as processes) is tested in tests/test_flower_deployment.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+from fedlora import api  # noqa: E402
+from fedlora.config import ConfigError, RunConfig  # noqa: E402
+from fedlora.flower.app import config_from_flower  # noqa: E402
+from fedlora.flower.inprocess import run_in_process  # noqa: E402
+from fedlora.flower.wire import ClientFailed, pack_plan, pack_reply, unpack_plan, unpack_reply  # noqa: E402
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, ModuleRank, Stage, TensorSpec  # noqa: E402
+
+
+def _run_config(model: str, out, name: str, **kw) -> dict:
+    rc = {
+        "model": model,
+        "clients": 3,
+        "rounds": 2,
+        "max-examples-per-label": 30,
+        "local-epochs": 1,
+        "partition": "dirichlet:1.0",
+        "global-test-fraction": 0.2,
+        "threads": 1,
+        "out-dir": str(out),
+        "run-name": name,
+    }
+    rc.update(kw)
+    return rc
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(flower_dir, local_dir, *, adapter: bool = True) -> None:
+    a, b = _metrics(flower_dir), _metrics(local_dir)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        x.pop("seconds"), y.pop("seconds")
+        assert x == y  # every metric, personal ones included (the nodes evaluate their own models), bit for bit
+    if adapter:
+        fa = load_file(flower_dir / "adapter" / "adapter_model.safetensors")
+        la = load_file(local_dir / "adapter" / "adapter_model.safetensors")
+        assert set(fa) == set(la)
+        for k in fa:
+            assert torch.equal(fa[k], la[k]), k
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("fedit", {}),
+        ("fedsa_lora", {}),  # personal state kept in the nodes' Context
+        ("flexlora", {"client-ranks": "2,4"}),  # mixed ranks
+        ("fedex_lora", {}),  # changes the frozen base weights on every node
+    ],
+)
+def test_the_flower_app_gives_the_local_engines_run_bit_for_bit(tiny_bert, tmp_path, method, extra):
+    rc = _run_config(tiny_bert, tmp_path, "flower", method=method, **extra)
+    run_in_process(rc, 3)
+    local = api.run(RunConfig.from_dict({**rc, "run-name": "local", "progress": False}))
+    _same_run(tmp_path / "flower", local.run_dir, adapter=method != "fedsa_lora")
+    if method == "fedsa_lora":
+        assert "personal_accuracy" in _metrics(tmp_path / "flower")[-1]
+    if method == "fedex_lora":
+        fb = load_file(tmp_path / "flower" / "base_delta.safetensors")
+        lb = load_file(local.run_dir / "base_delta.safetensors")
+        assert fb and all(torch.equal(fb[k], lb[k]) for k in fb)
+
+
+def test_a_failing_or_silent_node_is_a_rejected_reply_not_a_dead_run(tiny_bert, tmp_path):
+    def fail(node: int, msg) -> str | None:
+        if msg.metadata.message_type != "train":
+            return None
+        if node == 1 and msg.metadata.group_id == "1":
+            return "SuperNode lost"
+        if node == 2 and msg.metadata.group_id == "2":
+            return "silent"
+        return None
+
+    rc = _run_config(tiny_bert, tmp_path, "flaky", **{"reply-timeout": 0.5})
+    run_in_process(rc, 3, fail=fail)
+    m = _metrics(tmp_path / "flaky")
+    assert len(m) == 2
+    assert set(m[0]["rejected"]) == {"0"} and "SuperNode lost" in m[0]["rejected"]["0"]
+    assert set(m[1]["rejected"]) == {"1"} and "no reply" in m[1]["rejected"]["1"]
+    assert m[0]["accepted"] == 2 and m[1]["accepted"] == 2
+
+
+def test_the_server_app_resumes_from_the_run_directory(tiny_bert, tmp_path):
+    rc = _run_config(tiny_bert, tmp_path, "resumed", method="fedit", rounds=1)
+    run_in_process(rc, 3)
+    run_in_process({**rc, "rounds": 2, "resume": str(tmp_path / "resumed")}, 3)
+    once = _run_config(tiny_bert, tmp_path, "once", method="fedit", rounds=2)
+    run_in_process(once, 3)
+    _same_run(tmp_path / "resumed", tmp_path / "once")
+
+
+def test_flower_run_config_is_validated_like_fedlora_run():
+    cfg, opts = config_from_flower(
+        {"method": "fedsa_lora", "rounds": 3, "method-options.local_head": "false", "reply-timeout": 5.0}
+    )
+    assert cfg.rounds == 3 and cfg.method_options["local_head"] is False and opts.reply_timeout == 5.0
+    with pytest.raises(ConfigError, match="unknown config key 'roundz'"):
+        config_from_flower({"roundz": 3})
+    with pytest.raises(ConfigError, match="rounds"):
+        config_from_flower({"rounds": 0})
+    with pytest.raises(ConfigError, match="reply-timeout"):
+        config_from_flower({"reply-timeout": -1.0})
+    with pytest.raises(ValueError, match="local_hed"):
+        config_from_flower({"method": "fedsa_lora", "method-options.local_hed": "true"})
+
+
+def _plan() -> ClientPlan:
+    g = torch.Generator().manual_seed(0)
+    return ClientPlan(
+        round=3,
+        client_id=1,
+        download={"m.lora_A.weight": torch.randn(2, 5, generator=g), "head": torch.randn(3, 5, generator=g)},
+        upload={"m.lora_A.weight": TensorSpec((2, 5), torch.float32)},
+        ranks={"m": ModuleRank(2, 4.0)},
+        stages=(Stage(frozenset({"m.lora_A.weight"}), {"": 1.0, "local": 0.5}),),
+        reinit_seed=7,
+        rank_may_shrink=True,
+        base_update=BaseUpdate(2, {"m": torch.ones(4, 5), "n": (torch.ones(4, 2), torch.ones(2, 5))}, True),
+        upload_codec="int8",
+        download_codec="fp16",
+        work=0.5,
+        fail_after=0.25,
+    )
+
+
+def test_a_plan_survives_the_wire_exactly():
+    plan = _plan()
+    got, extra = unpack_plan(pack_plan(plan, {"commit_round": 2}))
+    assert extra == {"commit_round": 2}
+    for f in ("round", "client_id", "upload", "ranks", "stages", "reinit_seed", "rank_may_shrink", "upload_codec"):
+        assert getattr(got, f) == getattr(plan, f), f
+    assert (got.download_codec, got.work, got.fail_after) == ("fp16", 0.5, 0.25)
+    assert all(torch.equal(got.download[k], plan.download[k]) for k in plan.download)
+    assert got.base_update.version == 2 and got.base_update.cumulative
+    assert torch.equal(got.base_update.deltas["m"], plan.base_update.deltas["m"])
+    assert [t.shape for t in got.base_update.deltas["n"]] == [(4, 2), (2, 5)]
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"\x00" * 3, b"\xff" * 8 + b"x", (5).to_bytes(8, "little") + b"{]", (2).to_bytes(8, "little") + b"[]", "str"],
+)
+def test_an_unreadable_reply_is_an_error_value_never_an_exception(blob):
+    update, extra = unpack_reply(blob)
+    assert isinstance(update, Exception) and extra == {}
+
+
+def test_a_reply_round_trips_and_a_reported_failure_stays_a_failure():
+    upd = ClientUpdate(1, {"k": torch.ones(2)}, 10, 20, {"train_loss": 0.5}, {"m": ModuleRank(2, 4.0)})
+    got, _ = unpack_reply(pack_reply(upd))
+    assert (got.client_id, got.num_examples, got.samples_seen, got.metrics) == (1, 10, 20, {"train_loss": 0.5})
+    assert (got.ranks["m"].rank, got.ranks["m"].scale) == (2, 4.0) and torch.equal(got.state["k"], torch.ones(2))
+    from fedlora.flower.wire import pack_error
+
+    failed, _ = unpack_reply(pack_error(RuntimeError("disk full")))
+    assert isinstance(failed, ClientFailed) and "disk full" in str(failed)
+
+
+def test_a_client_keeps_only_the_state_of_a_round_the_server_accepted():
+    from fedlora.flower.node import ClientMemory
+
+    mem = ClientMemory(kept={"b": torch.zeros(1)}, pending={"b": torch.ones(1)}, pending_round=4)
+    mem.commit(3)  # round 4's reply was rejected: the server's latest accepted round is 3
+    assert torch.equal(mem.kept["b"], torch.zeros(1)) and mem.pending is None
+    mem = ClientMemory.from_bytes(ClientMemory(pending={"b": torch.ones(1)}, pending_round=4).to_bytes())
+    mem.commit(4)
+    assert torch.equal(mem.kept["b"], torch.ones(1)) and mem.pending is None
