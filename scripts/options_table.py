@@ -1,4 +1,6 @@
-"""Print (or, with --write, refresh in README.md) the tables of every `fedlora run` option and every method."""
+"""Print (or, with --write, refresh in README.md) the tables of every `fedlora run` option and every method, and
+(with --write) the run config of the Flower app in flower/pyproject.toml: Flower accepts only the keys an app
+declares, so the app declares every `fedlora run` option with its default."""
 
 from __future__ import annotations
 
@@ -9,6 +11,45 @@ from fedlora.config import RunConfig
 
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
 METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
+FLOWER_BEGIN, FLOWER_END = "# options:begin", "# options:end"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value Flower can carry (no null, no lists, no tables): None as "null", lists comma-separated, a
+    dict as a JSON string; ``fedlora.config`` parses them back exactly as it parses command-line strings."""
+    import json
+
+    if value is None:
+        return '"null"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return json.dumps(",".join(value))
+    if isinstance(value, dict):
+        return json.dumps(json.dumps(value))
+    return json.dumps(str(value))
+
+
+def flower_config() -> str:
+    """The ``[tool.flwr.app.config]`` lines: every `fedlora run` option, then the Flower app's own keys."""
+    import dataclasses
+
+    from fedlora.flower.app import FLOWER_DEFAULTS, FLOWER_KEYS
+
+    lines = []
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "progress":
+            continue  # a ServerApp has no terminal
+        lines.append(f"{f.name.replace('_', '-')} = {_toml_value(default)}")
+    for key in FLOWER_KEYS:
+        lines.append(f"{key} = {_toml_value(FLOWER_DEFAULTS[key])}  # {FLOWER_KEYS[key]}")
+    return "\n".join(lines)
 
 
 def table() -> str:
@@ -49,6 +90,8 @@ def main() -> None:
         text = _replace(readme.read_text(), BEGIN, END, table())
         text = _replace(text, METHODS_BEGIN, METHODS_END, methods_table())
         readme.write_text(text)
+        app = ROOT / "flower" / "pyproject.toml"
+        app.write_text(_replace(app.read_text(), FLOWER_BEGIN, FLOWER_END, flower_config()))
     else:
         print(table())
         print()

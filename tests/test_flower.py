@@ -183,3 +183,17 @@ def test_a_client_keeps_only_the_state_of_a_round_the_server_accepted():
     mem = ClientMemory.from_bytes(ClientMemory(pending={"b": torch.ones(1)}, pending_round=4).to_bytes())
     mem.commit(4)
     assert torch.equal(mem.kept["b"], torch.ones(1)) and mem.pending is None
+
+
+def test_the_flower_app_declares_every_fedlora_option_with_its_default():
+    import tomllib
+    from pathlib import Path
+
+    import options_table  # scripts/options_table.py
+
+    app = (Path(__file__).resolve().parents[1] / "flower" / "pyproject.toml").read_text()
+    assert options_table.flower_config() in app, "flower/pyproject.toml is stale: run scripts/options_table.py --write"
+    declared = tomllib.loads(app)["tool"]["flwr"]["app"]["config"]
+    cfg, opts = config_from_flower(declared)  # the declared defaults are a valid configuration: fedlora's defaults
+    assert cfg.to_dict() == api.resolve_config(RunConfig(progress=False)).to_dict()
+    assert opts.resume is None

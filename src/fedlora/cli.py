@@ -1,4 +1,4 @@
-"""The command line: ``fedlora run``, ``fedlora methods`` and ``fedlora export``.
+"""The command line: ``fedlora run``, ``fedlora methods``, ``fedlora export`` and ``fedlora node`` (a Flower SuperNode).
 
 Every :class:`fedlora.config.RunConfig` option is a flag (``--local-epochs 2``); ``--config file.toml`` reads a
 file first and flags override it; ``--resume RUN_DIR`` continues an interrupted run.
@@ -163,9 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     mp = sub.add_parser("methods", help="list the federated methods: id, family, paper, bytes up and down")
     mp.add_argument("id", nargs="?", help="show one method in full: paper, what travels, options, formulas")
     _add_export_parser(sub)
+    from fedlora.flower import nodecmd
+
+    nodecmd.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
+    if args.command == "node":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return nodecmd.main(args)
     if args.command == "methods":
         try:
             return _methods(args.id)

@@ -12,6 +12,7 @@ model, data and method objects loaded between messages for as long as its proces
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,12 +41,17 @@ class FlowerOptions:
     node_wait: float = 120.0
 
 
+FLOWER_DEFAULTS = {"resume": "", "reply-timeout": FlowerOptions.reply_timeout, "node-wait": FlowerOptions.node_wait}
+
+
 def config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
     """The run's :class:`RunConfig` and Flower options from a Flower run config (validated; ConfigError)."""
     values: dict[str, Any] = {}
     method_options: dict[str, Any] = {}
     flower: dict[str, Any] = {}
     for key, value in run_config.items():
+        if key == "progress":
+            continue
         if key.startswith(("method-options.", "method_options.")):
             method_options[key.split(".", 1)[1]] = value
         elif key.replace("_", "-") in FLOWER_KEYS:
@@ -54,6 +60,10 @@ def config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, Flower
             values[key] = value
     if method_options:
         values["method_options"] = method_options
+    nullable = {f.name for f in dataclasses.fields(RunConfig) if f.metadata["nullable"]}
+    for key, value in list(values.items()):  # TOML has no null: the app's config says "null"
+        if key.replace("-", "_") in nullable and isinstance(value, str) and value.strip().lower() == "null":
+            values[key] = None
     from fedlora.api import resolve_config  # method options are typed and checked here, as for `fedlora run`
 
     cfg = resolve_config(RunConfig.from_dict(values).replace(progress=False))
@@ -83,7 +93,7 @@ def server_main(grid: Grid, context: Context) -> None:
     from fedlora.api import resume, run
     from fedlora.flower.server import FlowerRuntime, discover
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s fedlora: %(message)s")
+    log.setLevel(logging.INFO)
     cfg, opts = config_from_flower(context.run_config)
 
     def make_runtime(setup: Any, run_dir: Any) -> FlowerRuntime:
@@ -113,60 +123,57 @@ def _client_id(context: Context) -> int:
     return value
 
 
-def _memory(context: Context) -> Any:
-    from fedlora.flower.node import ClientMemory
+WORKER_KEY = "fedlora-worker"
 
+
+def _handle(kind: str, message: Message, context: Context) -> Message:
+    """Run a message through this node's fedlora session: in this process, or in the node worker that
+    ``fedlora node`` started (``fedlora-worker`` in the node config), which keeps the model loaded across rounds.
+    The client's memory goes in from the Context and comes back into it."""
+    from fedlora.flower.server import RECORD, make_content
+
+    header = {"kind": kind, "client_id": _client_id(context), "run_config": dict(context.run_config)}
+    plan = b"" if kind == "hello" else message.content.config_records[RECORD]["plan"]
     record = context.state.config_records.get(MEMORY)
-    return ClientMemory.from_bytes(record["memory"] if record is not None and "memory" in record else None)
+    memory = record["memory"] if record is not None and "memory" in record else b""
+    worker = context.node_config.get(WORKER_KEY)
+    if worker:
+        from fedlora.flower.worker import forward
+
+        _, opts = config_from_flower_light(context.run_config)
+        reply, memory = forward(str(worker), header, plan, memory, timeout=opts.reply_timeout)
+    else:
+        from fedlora.flower.worker import handle_request
+
+        _, reply, memory = handle_request(header, plan, memory)
+    if memory:
+        context.state.config_records[MEMORY] = ConfigRecord({"memory": memory})
+    return Message(make_content(reply=reply), reply_to=message)
 
 
-def _remember(context: Context, memory: Any) -> None:
-    context.state.config_records[MEMORY] = ConfigRecord({"memory": memory.to_bytes()})
-
-
-def _plan_blob(message: Message) -> bytes:
-    from fedlora.flower.server import RECORD
-
-    return message.content.config_records[RECORD]["plan"]
-
-
-def _reply(message: Message, blob: bytes) -> Message:
-    from fedlora.flower.server import make_content
-
-    return Message(make_content(reply=blob), reply_to=message)
+def config_from_flower_light(run_config: Mapping[str, Any]) -> tuple[None, FlowerOptions]:
+    """The Flower options alone (no model code imported: a forwarding ClientApp stays light)."""
+    flower = {k.replace("_", "-"): v for k, v in run_config.items() if k.replace("_", "-") in FLOWER_KEYS}
+    try:
+        timeout = float(flower.get("reply-timeout", FlowerOptions.reply_timeout))
+    except (TypeError, ValueError):
+        timeout = FlowerOptions.reply_timeout
+    return None, FlowerOptions(reply_timeout=timeout)
 
 
 @client_app.query()
 def client_hello(message: Message, context: Context) -> Message:
-    from fedlora.flower.node import session_for
-    from fedlora.flower.wire import pack
-
-    cfg, _ = config_from_flower(context.run_config)
-    return _reply(message, pack(session_for(cfg).hello(_client_id(context)), {}))
+    return _handle("hello", message, context)
 
 
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
-    from fedlora.flower.node import session_for
-    from fedlora.flower.wire import pack_error, pack_reply
-
-    cfg, _ = config_from_flower(context.run_config)
-    session = session_for(cfg)
-    reply, memory = session.train(_plan_blob(message), _memory(context), _client_id(context))
-    _remember(context, memory)
-    blob = pack_error(reply) if isinstance(reply, BaseException) else pack_reply(reply)
-    return _reply(message, blob)
+    return _handle("train", message, context)
 
 
 @client_app.evaluate()
 def client_evaluate(message: Message, context: Context) -> Message:
-    from fedlora.flower.node import session_for
-    from fedlora.flower.wire import pack
-
-    cfg, _ = config_from_flower(context.run_config)
-    result, memory = session_for(cfg).evaluate(_plan_blob(message), _memory(context), _client_id(context))
-    _remember(context, memory)
-    return _reply(message, pack(result, {}))
+    return _handle("evaluate", message, context)
 
 
 __all__ = ["server_app", "client_app", "config_from_flower", "FLOWER_KEYS", "RecordDict"]
