@@ -88,6 +88,14 @@ class RunConfig:
         minimum=0.0,
         maximum=1.0,
     )
+    client_sampling: str = _opt(
+        "fixed",
+        "how a round's clients are drawn (seeded): fixed (clients_per_round, or client_fraction of all, or all; "
+        "without replacement) or poisson (each client independently with probability client_fraction; a round may "
+        "have none)",
+        str,
+        choices=("fixed", "poisson"),
+    )
     seed: int = _opt(0, "seed of every random choice: splits, sampling, init, shuffling, dropout", int)
     # model and adapter
     model: str = _opt(
@@ -159,7 +167,22 @@ class RunConfig:
     upload_codec: str = _opt("none", "codec of what clients send: none, fp16, int8, topk:<density>", str)
     download_codec: str = _opt("none", "codec of what the server sends: none, fp16, int8, topk:<density>", str)
     max_grad_norm: float | None = _opt(
-        1.0, "gradient clipping norm (null: no clipping)", float, nullable=True, minimum=0
+        1.0, "gradient clipping norm (null: no clipping; not applied under DP-SGD)", float, nullable=True, minimum=0
+    )
+    # privacy: sample-level DP-SGD
+    dp_sgd_noise: float | None = _opt(
+        None,
+        "sample-level DP-SGD in every client (opacus, trainable LoRA tensors and heads only): noise multiplier "
+        "sigma > 0 of the Gaussian noise added to each step's sum of clipped per-example gradients; batches are "
+        "Poisson samples (rate batch_size/n); each client's epsilon is reported (null: off)",
+        float,
+        nullable=True,
+    )
+    dp_sgd_clip: float = _opt(
+        1.0, "DP-SGD bound on each example's gradient norm (replaces max_grad_norm when DP-SGD is on); > 0", float
+    )
+    dp_sgd_delta: float = _opt(
+        1e-5, "delta at which DP-SGD's per-client epsilon is reported; 0 < delta < 1, well below 1/n", float
     )
     # trust and failures
     norm_bound: float | None = _opt(
@@ -208,6 +231,43 @@ class RunConfig:
         maximum=0.99,
     )
     straggler_work: float = _opt(0.5, "share of its local steps a straggler does", float, minimum=0.01, maximum=1.0)
+    # privacy: user-level DP
+    dp_clip: float | None = _opt(
+        None,
+        "user-level DP on: L2 bound C of one client's update (what it uploads minus what it started from, over all "
+        "its uploaded tensors); > 0 (null: off)",
+        float,
+        nullable=True,
+    )
+    dp_noise: float | None = _opt(
+        None,
+        "user-level DP noise multiplier sigma >= 0: Gaussian noise of std sigma*dp_clip per coordinate (0: clipping "
+        "only, epsilon infinite); null with dp_target_epsilon: calibrated before the run, written to config.json",
+        float,
+        nullable=True,
+        minimum=0.0,
+    )
+    dp_noise_at: str = _opt(
+        "server",
+        "where user-level noise is added: server (trusted server: one noisy mean of the clipped updates, amplified "
+        "by client sampling) or client (each client noises its own clipped update; the server is not trusted)",
+        str,
+        choices=("server", "client"),
+    )
+    dp_delta: float = _opt(1e-5, "delta of the user-level epsilon; 0 < delta < 1, well below 1/clients", float)
+    dp_target_epsilon: float | None = _opt(
+        None,
+        "user-level epsilon budget (RDP accountant, > 0): without dp_noise the noise is calibrated to spend it in "
+        "`rounds` rounds; with dp_noise the run stops cleanly before a round that would exceed it",
+        float,
+        nullable=True,
+    )
+    dp_secure_noise: bool = _opt(
+        False,
+        "draw user-level DP noise from the operating system's entropy, not from the run seed (not reproducible, "
+        "but knowing the seed no longer reveals the noise: use it for real deployments)",
+        bool,
+    )
     # runtime and output
     threads: int | None = _opt(
         None, "torch CPU threads (default: 1 under CI, else torch's default)", int, nullable=True, minimum=1
@@ -249,12 +309,21 @@ class RunConfig:
             raise ConfigError(f"method_options: {e}") from None
         if self.max_weight_ratio is not None and not math.isfinite(self.max_weight_ratio):
             raise ConfigError(f"max_weight_ratio={self.max_weight_ratio!r} must be finite (null: no cap)")
+        if self.dp_sgd_noise is not None and not self.dp_sgd_noise > 0:
+            raise ConfigError(
+                f"dp_sgd_noise={self.dp_sgd_noise!r} must be > 0 (noise 0 gives no privacy; null turns DP-SGD off)"
+            )
+        if not self.dp_sgd_clip > 0:
+            raise ConfigError(f"dp_sgd_clip={self.dp_sgd_clip!r} must be > 0 (the per-example gradient norm bound)")
+        if not 0 < self.dp_sgd_delta < 1:
+            raise ConfigError(f"dp_sgd_delta={self.dp_sgd_delta!r} must be in (0, 1), e.g. 1e-5")
         from fedlora.adapters.state import parse_aggregator
 
         try:
             parse_aggregator(self.aggregator)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._check_sampling_and_privacy(cls)
         refusal = cls.robust_aggregation_error(self.aggregator)
         if refusal:
             raise ConfigError(f"aggregator: {refusal}")
@@ -277,6 +346,48 @@ class RunConfig:
                 raise ConfigError(
                     f"client_ranks: {self.method} trains one rank for all clients; mixed ranks need one of: "
                     + ", ".join(able)
+                )
+
+    def _check_sampling_and_privacy(self, cls: Any) -> None:
+        if self.client_sampling == "poisson":
+            if self.clients_per_round is not None:
+                raise ConfigError(
+                    "client_sampling=poisson draws each client with probability client_fraction; drop "
+                    "clients_per_round and set client_fraction"
+                )
+            if self.client_fraction is None or not self.client_fraction > 0:
+                raise ConfigError(
+                    f"client_sampling=poisson needs client_fraction in (0, 1] (got {self.client_fraction!r}): the "
+                    "probability with which each client joins a round"
+                )
+        if self.dp_clip is None:
+            given = [k for k in ("dp_noise", "dp_target_epsilon") if getattr(self, k) is not None]
+            if self.dp_secure_noise:
+                given.append("dp_secure_noise")
+            if given:
+                raise ConfigError(f"{', '.join(given)} need dp_clip: user-level DP is on when dp_clip is set")
+            return
+        if not self.dp_clip > 0:
+            raise ConfigError(f"dp_clip={self.dp_clip!r} must be > 0 (the L2 bound of one client's update)")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta={self.dp_delta!r} must be in (0, 1), e.g. 1e-5")
+        if self.dp_target_epsilon is not None and not self.dp_target_epsilon > 0:
+            raise ConfigError(f"dp_target_epsilon={self.dp_target_epsilon!r} must be > 0")
+        if self.dp_noise is None and self.dp_target_epsilon is None:
+            raise ConfigError(
+                "dp_clip needs dp_noise (the noise multiplier sigma) or dp_target_epsilon (sigma is then calibrated)"
+            )
+        if self.dp_noise_at == "server":
+            from fedlora.privacy.user_level import server_noise_refusal
+
+            refusal = server_noise_refusal(cls)
+            if refusal:
+                raise ConfigError(f"dp_noise_at: {refusal}")
+            if self.aggregator != "mean":
+                raise ConfigError(
+                    f"aggregator={self.aggregator!r} with dp_noise_at=server: every accepted update is replaced by "
+                    "the same noisy mean, so a robust aggregator has nothing left to do; use aggregator=mean (the "
+                    "clip dp_clip bounds each client's influence)"
                 )
 
     # ------------------------------------------------------------------ construction

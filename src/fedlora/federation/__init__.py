@@ -1,7 +1,17 @@
 """The round logic and the run loop shared by every engine: sampling, plans, reply validation, aggregation,
 evaluation, bytes, checkpoints and resume."""
 
-from fedlora.federation.loop import LoopHooks, MemoryStore, RunStalled, Schedule, Store, run_federation, start_state
+from fedlora.federation.loop import (
+    LoopHooks,
+    MemoryStore,
+    RunStalled,
+    Schedule,
+    Store,
+    budget_stop,
+    privacy_metrics,
+    run_federation,
+    start_state,
+)
 from fedlora.federation.round import (
     RoundPolicy,
     RoundReport,
@@ -24,8 +34,10 @@ __all__ = [
     "Schedule",
     "Store",
     "base_update_for",
+    "budget_stop",
     "decode_reply",
     "prepare_plan",
+    "privacy_metrics",
     "run_federation",
     "run_round",
     "sample_clients",

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from fedlora.adapters.state import AdapterState
-from fedlora.federation.round import RoundPolicy, RoundReport, Runtime, run_round, sample_clients
+from fedlora.federation.round import RoundPolicy, RoundReport, Runtime, run_round, sample_clients, sample_size
 from fedlora.methods.base import FedMethod, ServerState
+from fedlora.privacy.user_level import UserLevelDP
 
 log = logging.getLogger("fedlora")
 
@@ -80,18 +81,40 @@ class LoopHooks:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How many rounds, and which clients take part in each (seeded)."""
+    """How many rounds, and which clients take part in each (seeded): ``sampling="fixed"`` draws
+    ``clients_per_round`` (or ``client_fraction`` of all, or all) clients without replacement; ``"poisson"`` takes
+    each client independently with probability ``client_fraction`` (a round may have none)."""
 
     rounds: int
     num_clients: int
     seed: int = 0
     clients_per_round: int | None = None
     client_fraction: float | None = None
+    sampling: str = "fixed"
 
     def clients(self, rnd: int) -> list[int]:
         return sample_clients(
-            self.num_clients, rnd, self.seed, per_round=self.clients_per_round, fraction=self.client_fraction
+            self.num_clients,
+            rnd,
+            self.seed,
+            per_round=self.clients_per_round,
+            fraction=self.client_fraction,
+            sampling=self.sampling,
         )
+
+    @property
+    def per_round(self) -> int:
+        """Fixed-size sampling: the clients of every round."""
+        return sample_size(self.num_clients, per_round=self.clients_per_round, fraction=self.client_fraction)
+
+    def most_participations(self, rounds: int) -> int:
+        """The most rounds among the first ``rounds`` that any one client was sampled in (a function of the seed,
+        so a resumed run computes the same)."""
+        counts = [0] * self.num_clients
+        for rnd in range(rounds):
+            for c in self.clients(rnd):
+                counts[c] += 1
+        return max(counts, default=0)
 
 
 class RunStalled(RuntimeError):
@@ -124,6 +147,27 @@ def start_state(
     return server
 
 
+def privacy_metrics(privacy: UserLevelDP, schedule: Schedule, rounds: int) -> dict[str, float | None]:
+    """ε (RDP, PLD), δ and σ after ``rounds`` rounds, computed from the round count alone (resume reports the
+    same); with client noise, ε of the client that was sampled most often."""
+    worst = schedule.most_participations(rounds) if privacy.noise_at == "client" else None
+    return privacy.metrics(rounds, worst)
+
+
+def budget_stop(privacy: UserLevelDP | None, schedule: Schedule, rounds_done: int) -> str | None:
+    """Why the run must stop before round ``rounds_done + 1`` (it would raise ε above ``target_epsilon``), or None."""
+    if privacy is None or privacy.target_epsilon is None or rounds_done >= schedule.rounds:
+        return None
+    worst = schedule.most_participations(rounds_done + 1) if privacy.noise_at == "client" else None
+    eps = privacy.epsilon(rounds_done + 1, worst)
+    if eps is not None and eps > privacy.target_epsilon:
+        return (
+            f"privacy budget spent: round {rounds_done + 1} would raise epsilon to {eps:.4g} > the target "
+            f"{privacy.target_epsilon:g} (delta {privacy.delta:g}); stopped after {rounds_done} rounds"
+        )
+    return None
+
+
 def _reasons(report: RoundReport) -> str:
     if not report.rejected:
         return "no client was sampled"
@@ -140,31 +184,48 @@ def run_federation(
     *,
     policy: RoundPolicy | None = None,
     max_failed_rounds: int | None = 3,
+    privacy: UserLevelDP | None = None,
 ) -> ServerState:
     """Run rounds ``server.round + 1 .. schedule.rounds`` (1-based), checkpointing after each; returns the final
     state. Raises :class:`RunStalled` when ``max_failed_rounds`` rounds in a row accept no reply, or when the run
-    ends without ever accepting one."""
+    ends without ever accepting one (rounds that sampled no client, as Poisson sampling may, count neither way).
+
+    With ``privacy`` (user-level DP, :class:`fedlora.privacy.UserLevelDP`), each round's metrics carry ``dp_epsilon``
+    (RDP), ``dp_epsilon_pld``, ``dp_delta`` and ``dp_noise``, and with a ``target_epsilon`` the run stops (returns
+    early, logged; :func:`budget_stop` says why) before a round that would exceed it."""
     hooks = hooks or LoopHooks()
     history = store.read_metrics()
     failed = 0
     for record in reversed(history):  # a resumed run continues the count of failed rounds it was in
+        if record.get("clients") == []:  # nobody was sampled: neither a failed nor a successful round
+            continue
         if record.get("accepted"):
             break
         failed += 1
     for rnd in range(server.round, schedule.rounds):
+        stop = budget_stop(privacy, schedule, rnd)
+        if stop is not None:
+            log.warning("%s", stop)
+            break
         clients = schedule.clients(rnd)
         hooks.start_round(rnd + 1, clients)
-        server, report = run_round(rnd, method, server, runtime, clients=clients, policy=policy)
+        server, report = run_round(rnd, method, server, runtime, clients=clients, policy=policy, privacy=privacy)
+        if privacy is not None:
+            report = replace(report, metrics={**report.metrics, **privacy_metrics(privacy, schedule, rnd + 1)})
         store.append_metrics(report.record())
         _checkpoint(method, runtime, store, server)
         hooks.end_round(report)
         history.append(report.record())
+        if not clients:
+            log.info("round %d: no client was sampled", rnd + 1)
+            continue
         failed = 0 if report.accepted else failed + 1
         if max_failed_rounds and failed >= max_failed_rounds:
             raise RunStalled(
                 f"no client reply was accepted in {failed} rounds in a row (rounds {report.round - failed + 1}.."
                 f"{report.round}); the last round's reasons: {_reasons(report)}"
             )
-    if history and not any(r.get("accepted") for r in history):
-        raise RunStalled(f"no client reply was accepted in any of the run's {len(history)} rounds")
+    tried = [r for r in history if r.get("clients") != []]
+    if tried and not any(r.get("accepted") for r in tried):
+        raise RunStalled(f"no client reply was accepted in any of the run's {len(tried)} rounds")
     return server

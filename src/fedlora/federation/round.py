@@ -35,6 +35,7 @@ from fedlora.methods.base import (
     ServerState,
     derive_seed,
 )
+from fedlora.privacy.user_level import UserLevelDP, noisy_mean, reference_for, update_delta, update_norm
 
 log = logging.getLogger("fedlora")
 
@@ -102,17 +103,38 @@ class RoundReport:
         }
 
 
-def sample_clients(
-    num_clients: int, rnd: int, seed: int, *, per_round: int | None = None, fraction: float | None = None
-) -> list[int]:
-    """The clients of round ``rnd`` (seeded by run seed and round; sorted)."""
+def sample_size(num_clients: int, *, per_round: int | None = None, fraction: float | None = None) -> int:
+    """Clients per round under fixed-size sampling: ``per_round``, else ``round(fraction·N)`` (at least 1), else
+    all."""
     if per_round is not None:
         k = per_round
     elif fraction is not None:
         k = max(1, round(fraction * num_clients))
     else:
         k = num_clients
-    k = min(k, num_clients)
+    return min(k, num_clients)
+
+
+def sample_clients(
+    num_clients: int,
+    rnd: int,
+    seed: int,
+    *,
+    per_round: int | None = None,
+    fraction: float | None = None,
+    sampling: str = "fixed",
+) -> list[int]:
+    """The clients of round ``rnd`` (seeded by run seed and round; sorted). ``sampling="fixed"``: :func:`sample_size`
+    clients drawn without replacement; ``"poisson"``: each client independently with probability ``fraction`` (a
+    round may have none)."""
+    if sampling == "poisson":
+        if fraction is None or not 0 <= fraction <= 1:
+            raise ValueError(f"Poisson sampling needs a fraction in [0, 1], got {fraction!r}")
+        rng = random.Random(derive_seed(seed, "poisson", rnd))
+        return [c for c in range(num_clients) if rng.random() < fraction]
+    if sampling != "fixed":
+        raise ValueError(f"sampling={sampling!r}; allowed: 'fixed', 'poisson'")
+    k = sample_size(num_clients, per_round=per_round, fraction=fraction)
     rng = random.Random(derive_seed(seed, "sample", rnd))
     return sorted(rng.sample(range(num_clients), k))
 
@@ -349,18 +371,14 @@ class RoundPolicy:
         return None
 
 
-def _reference(download: Mapping[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
-    """What the client was sent for ``key`` (cut to ``like``'s shape for a lower rank), or zeros."""
-    ref = download.get(key)
-    if ref is None or ref.dim() != like.dim() or any(a < b for a, b in zip(ref.shape, like.shape, strict=True)):
-        return torch.zeros_like(like, dtype=torch.float32)
-    return ref[tuple(slice(0, n) for n in like.shape)].float()
+_reference = reference_for
+"""What the client was sent for ``key`` (cut to ``like``'s shape for a lower rank), or zeros."""
 
 
 def _deltas(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A reply's update: what it uploaded minus what it started from (zeros for keys the server cannot know),
-    float32."""
-    return {k: v.float() - _reference(reference, k, v) for k, v in update.state.items()}
+    float32 (:func:`fedlora.privacy.user_level.update_delta`, which the clients' own DP noise uses too)."""
+    return update_delta(update.state, reference)
 
 
 def _cosines(deltas: Sequence[Mapping[str, torch.Tensor]]) -> list[float] | None:
@@ -439,6 +457,68 @@ def _finite(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _private_policy(policy: RoundPolicy, privacy: UserLevelDP | None) -> RoundPolicy:
+    """The policy under user-level DP. The direction check is off: it compares each update with the others (so one
+    client's data would decide whether another's update is used, which the noise does not cover), and noisy client
+    uploads have near-zero cosines. With server noise the relative norm bound is off as well, for the same reason:
+    the fixed clip ``dp_clip`` bounds every update instead. With client noise it stays (the norms of noisy updates
+    concentrate, so it only catches outsized replies; what the server does with noisy uploads costs no privacy).
+    Reply validation and the known-count checks concern one reply each and always run."""
+    if privacy is None:
+        return policy
+    if privacy.noise_at == "server":
+        return replace(policy, min_cosine=None, norm_bound=None)
+    return replace(policy, min_cosine=None)
+
+
+def _noisy_release(
+    rnd: int,
+    method: FedMethod,
+    server: ServerState,
+    plans: Sequence[ClientPlan],
+    accepted: list[ClientUpdate],
+    refs: Mapping[int, Mapping[str, torch.Tensor]],
+    dp: UserLevelDP,
+) -> tuple[list[ClientUpdate], dict[str, float]]:
+    """Server-side DP (DP-FedAvg): the replies the method aggregates, each accepted one replaced by ``reference +
+    D``, where ``D`` is the sum of the clipped updates plus Gaussian noise, divided by the fixed denominator
+    (:func:`fedlora.privacy.user_level.noisy_mean`). With no accepted reply the round still releases ``reference +
+    noise/denominator``, through one stand-in reply built from a plan (the noise must not depend on whether anyone
+    took part). Also returns ``dp_clipped`` (updates longer than the clip) and ``dp_median_norm`` (their median norm
+    before clipping): the operator's tuning aids, not part of the private release."""
+    if accepted:
+        first = accepted[0]
+        ref, like, ranks, owner = refs[first.client_id], dict(first.state), first.ranks, first.client_id
+        for u in accepted[1:]:
+            same = set(u.state) == set(like) and all(u.state[k].shape == like[k].shape for k in like)
+            other = refs[u.client_id]
+            if not same or any(
+                not torch.equal(reference_for(other, k, v), reference_for(ref, k, v)) for k, v in like.items()
+            ):
+                raise RuntimeError(
+                    f"{method.id}: server-side DP needs every client to start from the same reference and upload "
+                    f"the same tensors; client {u.client_id} differs from client {first.client_id}"
+                )
+    else:
+        plan = plans[0] if plans else prepare_plan(method.plan(rnd, 0, server), server)[0]
+        ref, ranks, owner = method.reference(plan), plan.ranks, plan.client_id
+        like = {k: torch.zeros(spec.shape, dtype=spec.dtype) for k, spec in plan.upload.items()}
+    deltas = [_deltas(u, refs[u.client_id]) for u in accepted]
+    mean = noisy_mean(
+        deltas, like, clip=dp.clip, noise=dp.noise, denominator=dp.denominator, generator=dp.generator("server", rnd)
+    )
+    state = {k: (reference_for(ref, k, v) + mean[k]).to(v.dtype) for k, v in like.items()}
+    norms = sorted(update_norm(d) for d in deltas)
+    metrics = {"dp_clipped": float(sum(n > dp.clip for n in norms))}
+    if norms:
+        metrics["dp_median_norm"] = norms[(len(norms) - 1) // 2]
+    else:
+        log.info("round %d: no accepted reply; the server releases noise alone", rnd + 1)
+        stand_in = ClientUpdate(client_id=owner, state=state, num_examples=1, samples_seen=1, ranks=dict(ranks))
+        return [stand_in], metrics
+    return [replace(u, state=dict(state)) for u in accepted], metrics
+
+
 def run_round(
     rnd: int,
     method: FedMethod,
@@ -447,10 +527,12 @@ def run_round(
     *,
     clients: Sequence[int],
     policy: RoundPolicy | None = None,
+    privacy: UserLevelDP | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``rnd`` (0-based; reported as ``rnd + 1``) with the given sampled ``clients``; return the new
-    server state and the report."""
-    policy = policy or RoundPolicy()
+    server state and the report. With ``privacy`` (user-level DP), the policy's direction check is off and, with
+    server noise, the accepted replies reach the method as one noisy mean update (:func:`_noisy_release`)."""
+    policy = _private_policy(policy or RoundPolicy(), privacy)
     start = time.perf_counter()
     plans: list[ClientPlan] = []
     bytes_down = 0
@@ -487,8 +569,11 @@ def run_round(
     for cid, why in sorted(clipped.items()):
         log.warning("round %d: client %d: %s", rnd + 1, cid, why)
     agg_metrics: dict[str, float] = {}
-    if accepted:
-        result = method.aggregate(rnd, server, accepted)
+    released, dp_metrics = accepted, {}
+    if privacy is not None and privacy.noise_at == "server":
+        released, dp_metrics = _noisy_release(rnd, method, server, plans, accepted, refs, privacy)
+    if released:
+        result = method.aggregate(rnd, server, released)
         bad = _finite(result.adapter) or _finite(result.tensors or {})
         if bad is not None:
             log.warning(
@@ -513,7 +598,7 @@ def run_round(
                     base_delta=base, base_version=server.base_version + 1, last_base_update=dict(result.base_delta)
                 )
             server = replace(server, **changes)
-            agg_metrics = dict(result.metrics)
+            agg_metrics = {**result.metrics, **dp_metrics}
     else:
         log.warning("round %d: no acceptable reply; the global state is unchanged", rnd + 1)
         server = replace(server, round=rnd + 1)
