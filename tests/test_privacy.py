@@ -173,6 +173,35 @@ def test_server_noise_gives_every_client_the_same_noisy_update(layout, gen) -> N
     assert report.metrics["dp_clipped"] == sum(update_norm(update_delta(r.state, ref)) > 1.0 for r in replies)
 
 
+def _server_noise_methods() -> list[str]:
+    from fedlora.methods import get_method_class, method_ids
+    from fedlora.privacy import server_noise_refusal
+
+    return [m for m in method_ids() if server_noise_refusal(get_method_class(m)) is None]
+
+
+@pytest.mark.parametrize("method", _server_noise_methods())
+def test_every_method_allowed_server_noise_aggregates_one_shared_noisy_update(method: str, layout, gen) -> None:
+    m = build_method(method, layout)
+    server = m.init_server(random_state(layout, gen))
+    seen = []
+    original = m.aggregate
+
+    def spy(rnd, srv, updates):
+        seen.extend(updates)
+        return original(rnd, srv, updates)
+
+    m.aggregate = spy  # type: ignore[method-assign]
+    for rnd in (0, 1):  # rolora alternates its factor; FedOpt methods start their moments
+        server, report = run_round(
+            rnd, m, server, FakeRuntime(_shifted(lambda c: 0.05)), clients=[0, 1, 2], privacy=_dp()
+        )
+        assert report.accepted == [0, 1, 2], report.rejected
+        last = seen[-3:]
+        assert all(torch.equal(u.state[k], last[0].state[k]) for u in last for k in last[0].state)
+        assert all(torch.isfinite(v).all() for v in server.adapter.values())
+
+
 def test_server_noise_turns_off_the_relative_checks_and_releases_noise_in_an_empty_round(layout, gen) -> None:
     method = build_method("fedit", layout)
     server = method.init_server(random_state(layout, gen))

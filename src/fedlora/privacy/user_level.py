@@ -45,8 +45,8 @@ SERVER_NOISE_REFUSALS: dict[str, str] = {
         "the frozen weights, so there is no shared starting point to add one noisy mean update to"
     ),
     "flexlora": (
-        "clients train at different ranks and the server re-factorises the sum of their products by a truncated "
-        "SVD, which is not an average of what travels"
+        "the server re-factorises the weighted sum of the clients' products by a truncated SVD at each client's "
+        "rank, which is not an average of what travels"
     ),
     "hetlora": (
         "clients train (and prune to) different ranks and the server weights each by the norm of its own product"
