@@ -140,8 +140,8 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     if worker:
         from fedlora.flower.worker import forward
 
-        _, opts = config_from_flower_light(context.run_config)
-        reply, memory = forward(str(worker), header, plan, memory, timeout=opts.reply_timeout)
+        timeout = reply_timeout_of(context.run_config)
+        reply, memory = forward(str(worker), header, plan, memory, timeout=timeout)
     else:
         from fedlora.flower.worker import handle_request
 
@@ -151,14 +151,13 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     return Message(make_content(reply=reply), reply_to=message)
 
 
-def config_from_flower_light(run_config: Mapping[str, Any]) -> tuple[None, FlowerOptions]:
-    """The Flower options alone (no model code imported: a forwarding ClientApp stays light)."""
-    flower = {k.replace("_", "-"): v for k, v in run_config.items() if k.replace("_", "-") in FLOWER_KEYS}
+def reply_timeout_of(run_config: Mapping[str, Any]) -> float:
+    """The run's reply timeout alone (no model code imported: a forwarding ClientApp stays light)."""
+    raw = next((v for k, v in run_config.items() if k.replace("_", "-") == "reply-timeout"), None)
     try:
-        timeout = float(flower.get("reply-timeout", FlowerOptions.reply_timeout))
+        return float(raw) if raw is not None else FlowerOptions.reply_timeout
     except (TypeError, ValueError):
-        timeout = FlowerOptions.reply_timeout
-    return None, FlowerOptions(reply_timeout=timeout)
+        return FlowerOptions.reply_timeout
 
 
 @client_app.query()
