@@ -11,7 +11,9 @@ REAL_BOUND = 0.6  # global (or personalised) accuracy after 3 rounds; chance is 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedit", "fedex_lora", "flexlora", "fedsa_lora"])
+# A global and a personalised method on the real model (about a minute each); every method learns on the tiny test
+# models in tests/test_engine.py, and fedex_lora/flexlora ran here too until CI time got tight (both above 0.6).
+@pytest.mark.parametrize("method", ["fedit", "fedsa_lora"])
 def test_real_default_model_learns(method: str, tmp_path) -> None:
     cfg = RunConfig(
         method=method,

@@ -16,6 +16,7 @@ pytest.importorskip("flwr")
 
 from fedlora import api  # noqa: E402
 from fedlora.config import ConfigError, RunConfig  # noqa: E402
+from fedlora.data import DEFAULT_LABELS  # noqa: E402
 from fedlora.flower.app import config_from_flower  # noqa: E402
 from fedlora.flower.inprocess import run_in_process  # noqa: E402
 from fedlora.flower.wire import ClientFailed, pack_plan, pack_reply, unpack_plan, unpack_reply  # noqa: E402
@@ -105,6 +106,44 @@ def test_the_server_app_resumes_from_the_run_directory(tiny_bert, tmp_path):
     once = _run_config(tiny_bert, tmp_path, "once", method="fedit", rounds=2)
     run_in_process(once, 3)
     _same_run(tmp_path / "resumed", tmp_path / "once")
+
+
+@pytest.mark.parametrize("method", ["fedsa_lora", "fedex_lora"])
+def test_a_restarted_server_app_resumes_methods_whose_clients_keep_state(tiny_bert, tmp_path, method):
+    """fedsa_lora keeps each client's B on its node, fedex_lora changes the frozen weights each node holds a copy
+    of. A restarted ServerApp is a new Flower run with empty Contexts: the nodes pick their clients' memories up
+    from their state directory (by the run directory's name), and the restored server tells them which round of
+    each client it accepted: in the first run the nodes could not evaluate (for fedsa_lora, the message that
+    would have committed round 1's state), so only that tells them to keep it. The resumed run's second round and
+    final state equal an uninterrupted run's, bit for bit."""
+    from fedlora.flower.server import accepted_rounds
+
+    state = {k: {"fedlora-state-dir": str(tmp_path / f"node{k}")} for k in range(3)}
+    rc = _run_config(tiny_bert, tmp_path, "resumed", method=method, rounds=1)
+    run_in_process(
+        rc, 3, node_extra=state, fail=lambda node, msg: "down" if msg.metadata.message_type == "evaluate" else None
+    )
+    assert accepted_rounds(_metrics(tmp_path / "resumed")) == {0: 0, 1: 0, 2: 0}
+    run_in_process({**rc, "rounds": 2, "resume": str(tmp_path / "resumed")}, 3, node_extra=state)
+    run_in_process(_run_config(tiny_bert, tmp_path, "once", method=method, rounds=2), 3)
+    a, b = _metrics(tmp_path / "resumed")[-1], _metrics(tmp_path / "once")[-1]
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    fs = load_file(tmp_path / "resumed" / "checkpoints" / "round-0002" / "server.safetensors")
+    ls = load_file(tmp_path / "once" / "checkpoints" / "round-0002" / "server.safetensors")
+    assert fs.keys() == ls.keys() and all(torch.equal(fs[k], ls[k]) for k in fs)
+    assert all(any((tmp_path / f"node{k}").rglob("client-*.bin")) for k in range(3))
+
+
+def test_accepted_rounds_come_from_the_run_history():
+    from fedlora.flower.server import accepted_rounds
+
+    history = [
+        {"round": 1, "clients": [0, 1, 2], "rejected": {"1": "norm"}},
+        {"round": 2, "clients": [0, 1], "rejected": {}},
+        {"round": 3, "clients": [2, 0], "rejected": {"0": "timeout"}},
+    ]
+    assert accepted_rounds(history) == {0: 1, 1: 1, 2: 2}
 
 
 def test_flower_run_config_is_validated_like_fedlora_run():
@@ -197,3 +236,71 @@ def test_the_flower_app_declares_every_fedlora_option_with_its_default():
     cfg, opts = config_from_flower(declared)  # the declared defaults are a valid configuration: fedlora's defaults
     assert cfg.to_dict() == api.resolve_config(RunConfig(progress=False)).to_dict()
     assert opts.resume is None
+
+
+def _own_data_file(tmp_path, labels: list[str], per_label: int = 12, extra_label: str | None = None):
+    """A node's own CSV: ``per_label`` rows of each given label from the embedded dataset (+ one odd row)."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from fedlora.data import default_dataset_path
+
+    table = pq.read_table(default_dataset_path(), columns=["text", "label"]).to_pylist()
+    rows = [r for lab in labels for r in [x for x in table if x["label"] == lab][:per_label]]
+    if extra_label is not None:
+        rows.append({"text": "a row whose label the run does not have", "label": extra_label})
+    path = tmp_path / "own.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, len(rows)
+
+
+def test_a_node_with_its_own_data_file_trains_on_it_and_declares_its_size(tiny_bert, tmp_path):
+    """Node 0 holds its own file (two of the run's labels); node 1 its partition of the run's dataset. The server
+    learns node 0's training-set size from its hello and validates its replies against it (a wrong count would
+    reject them), and the node's engine holds exactly the file's rows."""
+    from fedlora.flower import node as node_mod
+
+    node_mod._SESSIONS.clear()
+    rc = _run_config(tiny_bert, tmp_path, "own", clients=2, method="fedit")
+    path, n = _own_data_file(tmp_path, list(DEFAULT_LABELS[:2]))
+    sizes = []
+    real = node_mod.NodeSession.hello
+
+    def spy(self, cid):
+        out = real(self, cid)
+        sizes.append((cid, out["num_examples"], out["own_data"], len(self.engine.clients[cid].test)))
+        return out
+
+    node_mod.NodeSession.hello = spy
+    try:
+        run_in_process(rc, 2, node_extra={0: {"fedlora-data": str(path)}})
+    finally:
+        node_mod.NodeSession.hello = real
+    own = [s for s in sizes if s[0] == 0]
+    assert own and own[0][2] is True and own[0][1] + own[0][3] == n  # the whole file, split into train and test
+    assert all(not s[2] for s in sizes if s[0] == 1)
+    records = _metrics(tmp_path / "own")
+    assert [r["accepted"] for r in records] == [2, 2], records
+
+
+def test_a_node_file_with_a_label_outside_the_run_is_refused_by_name(tiny_bert, tmp_path):
+    from fedlora.flower import node as node_mod
+    from fedlora.flower.server import NodeError
+
+    node_mod._SESSIONS.clear()
+    rc = _run_config(tiny_bert, tmp_path, "bad", clients=2, method="fedit", **{"node-wait": 5})
+    path, _ = _own_data_file(tmp_path, list(DEFAULT_LABELS[:2]), extra_label="verb.motion")
+    with pytest.raises(NodeError, match="verb.motion"):
+        run_in_process(rc, 2, node_extra={0: {"fedlora-data": str(path)}})
+
+
+def test_a_node_pinned_to_another_model_refuses_the_run(tiny_bert, tmp_path):
+    from fedlora.flower.server import NodeError
+
+    rc = _run_config(tiny_bert, tmp_path, "pin", clients=2, method="fedit", **{"node-wait": 5})
+    with pytest.raises(NodeError, match="serves model 'some/other-model' only"):
+        run_in_process(rc, 2, node_extra={1: {"fedlora-model": "some/other-model"}})

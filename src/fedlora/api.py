@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from fedlora.models.loading import ModelError, add_named_adapter, check_tokenize
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.runs import RunDir
 from fedlora.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from fedlora.data import FederatedData
 
 log = logging.getLogger("fedlora")
 
@@ -185,15 +188,16 @@ class Setup:
     pad_id: int
 
 
-def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
-    """Load data and model, wrap LoRA, build the method and the local engine (no training)."""
+def build(cfg: RunConfig, on_client_done: Callable | None = None, *, data: FederatedData | None = None) -> Setup:
+    """Load data and model, wrap LoRA, build the method and the local engine (no training). ``data`` replaces the
+    configured dataset and partition (a Flower node that holds its own data file)."""
     from fedlora.data import label_histogram, prepare_federated_data
     from fedlora.models import load_tokenizer, wrap_lora
 
     if cfg.alpha_rule == "auto" or cfg.weighting == "auto":
         raise ConfigError("build() takes a resolved configuration: call fedlora.api.resolve_config first")
 
-    data = prepare_federated_data(
+    data = data or prepare_federated_data(
         cfg.dataset,
         num_clients=cfg.clients,
         partition=cfg.partition,
@@ -247,7 +251,11 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
     def enc(ds: Any) -> Any:
         return task.encode(tokenizer, ds, cfg.max_length)
 
-    clients = [ClientSplits(train=enc(c.train), test=enc(c.test)) for c in data.clients]
+    encoded: dict[int, ClientSplits] = {}  # a client given twice (a node's own data in every slot) is encoded once
+    for c in data.clients:
+        if id(c) not in encoded:
+            encoded[id(c)] = ClientSplits(train=enc(c.train), test=enc(c.test))
+    clients = [encoded[id(c)] for c in data.clients]
     engine = LocalEngine(
         model=model,
         layout=layout,
@@ -275,9 +283,17 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None) -> Setup:
 RESUME_OVERRIDABLE = ("rounds", "progress", "threads")
 
 
-def _policy(cfg: RunConfig, engine: LocalEngine) -> RoundPolicy:
-    """The round policy of a local run: the server knows each client's training-set size and local budget."""
+def client_sizes(engine: LocalEngine, runtime: Runtime | None = None) -> dict[int, int]:
+    """Each client's training-set size as the server knows it: from its own partition of the dataset, or, for a
+    client whose node holds its own data (``runtime.declared_examples``, Flower), what that node declared."""
     sizes = {cid: len(c.train) for cid, c in enumerate(engine.clients)}
+    sizes.update(getattr(runtime, "declared_examples", None) or {})
+    return sizes
+
+
+def _policy(cfg: RunConfig, engine: LocalEngine, sizes: dict[int, int] | None = None) -> RoundPolicy:
+    """The round policy of a local run: the server knows each client's training-set size and local budget."""
+    sizes = sizes if sizes is not None else client_sizes(engine)
     if cfg.local_steps is not None:
         budget = {cid: cfg.local_steps * cfg.batch_size for cid in sizes}
     else:
@@ -309,7 +325,8 @@ def _with_dp_sgd(runtime: Runtime, setup: Setup, schedule: Schedule, policy: Rou
         return runtime
     from fedlora.privacy.dpsgd import AccountedRuntime, run_ledger
 
-    sizes = [len(c.train) for c in setup.engine.clients]
+    known = client_sizes(setup.engine, runtime)
+    sizes = [known[cid] for cid in range(len(setup.engine.clients))]
     return AccountedRuntime(runtime, run_ledger(cfg, setup.method, setup.engine.initial, sizes, schedule, policy))
 
 
@@ -385,7 +402,7 @@ def _execute(
             privacy.delta,
             privacy.neighbours(),
         )
-    policy = _policy(cfg, engine)
+    policy = _policy(cfg, engine, client_sizes(engine, runtime))
     server = run_federation(
         method,
         _with_dp_sgd(runtime, setup, schedule, policy),

@@ -244,6 +244,18 @@ class RunDir:
     def marker_path(self) -> Path:
         return self.path / MARKER
 
+    @property
+    def run_id(self) -> str:
+        """A key of this run that no other run shares, kept when it is resumed (even under another path): the id in
+        its marker (for a run directory made before ids existed: its name and creation time)."""
+        try:
+            marker = json.loads(self.marker_path.read_text())
+        except (OSError, ValueError):
+            marker = {}
+        if not isinstance(marker, dict):
+            marker = {}
+        return str(marker.get("id") or f"{self.path.name}@{marker.get('created', '')}")
+
     # ------------------------------------------------------------------ creating and opening
     @staticmethod
     def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -308,7 +320,12 @@ class RunDir:
                     raise RunDirError(f"cannot create run directory {path}: {e.strerror or e}") from None
             else:
                 raise RunDirError(f"{out} already holds {_MAX_NAME_TRIES} run directories named {stem}[-N]")
-        marker = {"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
+        marker = {
+            "format": RUN_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(),
+            "id": uuid.uuid4().hex,
+        }
         try:
             _atomic_write(path / MARKER, _json_text(marker))
         except OSError as e:

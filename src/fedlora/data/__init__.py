@@ -9,6 +9,7 @@ from fedlora.data.partition import (
     ClientData,
     FederatedData,
     label_histogram,
+    load_client_file,
     parse_partition,
     prepare_federated_data,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "FederatedData",
     "default_dataset_path",
     "label_histogram",
+    "load_client_file",
     "load_table",
     "parse_partition",
     "prepare_federated_data",

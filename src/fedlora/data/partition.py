@@ -649,3 +649,58 @@ def _warn_unused_labels(clients: list[ClientData], label_names: list[str], parti
             f"{', '.join(unused)} (they still occur in the global test set). Use more clients or a larger k.",
             stacklevel=3,
         )
+
+
+def load_client_file(
+    path: str,
+    *,
+    client_id: int,
+    label_names: Sequence[str],
+    text_column: str = "text",
+    label_column: str = "label",
+    client_test_fraction: float = 0.2,
+    seed: int = 0,
+    min_client_examples: int = 2,
+) -> ClientData:
+    """One client's own data from a local file (a node that holds its data itself, e.g. ``fedlora node --data``).
+
+    The labels are encoded against ``label_names``, the run's label set (every client must encode them alike, and
+    a node's file may hold only some of them); the rows are split into train and test like a partitioned client's
+    (stratified, ``client_test_fraction``, seeded by ``seed`` and ``client_id``).
+
+    Raises:
+        DataError: the file cannot be read, lacks the columns, holds labels outside ``label_names`` (named), or
+            leaves fewer than ``min_client_examples`` training examples.
+    """
+    check_columns(text_column, label_column)
+    dataset = load_table(path, text_column=text_column, label_column=label_column)
+    table = dataset.select_columns([text_column, label_column]).with_format("arrow")[:]
+    table = _drop_unusable_rows(table, text_column, label_column, path)
+    column = table.column(label_column)
+    if not pa.types.is_string(column.type):
+        column = pc.cast(column, pa.string())
+    values = [str(v) for v in column.to_pylist()]
+    index = {str(name): i for i, name in enumerate(label_names)}
+    unknown = sorted({v for v in values if v not in index})
+    if unknown:
+        raise DataError(
+            f"{path!r} holds label(s) {', '.join(map(repr, unknown[:10]))} that are not among the run's "
+            f"{len(index)} labels ({', '.join(map(repr, list(index)[:20]))}); give only these labels, or a run "
+            "whose labels option lists them"
+        )
+    codes = np.array([index[v] for v in values], dtype=np.int64)
+    data = pa.table({"text": table.column(text_column), "label": pa.array(codes, type=pa.int64())})
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(index))})
+    rng = np.random.default_rng([seed, _STREAM_CLIENT, client_id])
+    rows = np.arange(len(codes))
+    train_rows, test_rows = _stratified_split(rows, codes, _client_test_size(len(rows), client_test_fraction), rng)
+    if len(train_rows) < min_client_examples:
+        raise DataError(
+            f"{path!r} leaves {len(train_rows)} training examples after its local test split (fraction "
+            f"{client_test_fraction}), fewer than {min_client_examples}"
+        )
+    return ClientData(
+        client_id=client_id,
+        train=_make_dataset(data, train_rows, features),
+        test=_make_dataset(data, test_rows, features),
+    )

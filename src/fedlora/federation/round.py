@@ -519,6 +519,165 @@ def _noisy_release(
     return [replace(u, state=dict(state)) for u in accepted], metrics
 
 
+# ------------------------------------------------------------------------------------------------ secure rounds
+@dataclass(frozen=True)
+class SecureShare:
+    """One participant of a securely aggregated round as the protocol reveals it: the weight its upload was given
+    in the mean, and its counts (both sent in the clear; untrusted until checked)."""
+
+    weight: Any
+    num_examples: Any
+    samples_seen: Any
+
+
+@dataclass(frozen=True)
+class SecureAggregate:
+    """What a securely aggregated round gives the server: never an individual upload, only their weighted mean."""
+
+    mean: dict[str, torch.Tensor] | None
+    """``Σ w_k x_k / Σ w_k`` over the participants, per uploaded key (None when the protocol failed)."""
+    shares: dict[int, SecureShare]
+    """Who took part (client id → weight and counts): exactly the clients whose upload is in the mean."""
+    dropped: dict[int, str]
+    """Sampled clients that dropped out (client id → why)."""
+    train_loss: float = math.nan
+    """The participants' training loss, averaged with the same weights."""
+    bytes_up: int = 0
+    error: str | None = None
+    """Why the mean is unusable, beyond drop-outs (e.g. its arrays do not match the plan)."""
+
+
+class SecureRuntime(Protocol):
+    """A runtime that aggregates securely: one protocol run per round instead of :meth:`Runtime.train`."""
+
+    def train_secure(self, plans: Sequence[ClientPlan], *, max_weight: float | None) -> SecureAggregate:
+        """Run the plans' client work and securely aggregate what they upload; ``max_weight`` is the largest weight
+        a client can rightly claim (None: unknown)."""
+        ...
+
+
+def secure_runtime(runtime: Any) -> SecureRuntime | None:
+    """``runtime`` (or the runtime it wraps as ``.runtime``, as the DP-SGD accountant does) when it aggregates
+    securely (``secure_aggregation`` true), else None."""
+    for _ in range(8):
+        if runtime is None:
+            return None
+        if getattr(runtime, "secure_aggregation", False) is True and callable(getattr(runtime, "train_secure", None)):
+            return runtime
+        runtime = getattr(runtime, "runtime", None)
+    return None
+
+
+def _weight_bound(method: FedMethod, plans: Sequence[ClientPlan], policy: RoundPolicy) -> float | None:
+    """The largest weight a sampled client can rightly claim under the method's weighting (None when the server
+    does not know it)."""
+    if method.weighting == "uniform":
+        return 1.0
+    stages = method.weighting == "samples_seen"
+    known = policy.max_samples_per_stage if stages else policy.client_examples
+    if known is None or any(p.client_id not in known for p in plans):
+        return None
+    return float(max(known[p.client_id] * (len(p.stages) if stages else 1) for p in plans))
+
+
+def _secure_replies(
+    rnd: int, method: FedMethod, plans: Sequence[ClientPlan], runtime: SecureRuntime, policy: RoundPolicy
+) -> tuple[list[ClientUpdate], list[ClientUpdate], dict[int, str], int, dict[str, float]]:
+    """A securely aggregated round: the participants (count-only stand-ins with no tensors: the server has no
+    individual upload), the one update the method aggregates (the weighted mean of what travelled: for a method
+    whose aggregate is a weighted mean of what travels, aggregating it alone gives the method's own result), the
+    rejected clients, the bytes up and metrics.
+
+    Checks that need individual uploads cannot run and are skipped: the norm bound and the direction check. What
+    can run does: each participant's counts (sent in the clear) against what the server knows, its weight against
+    the method's weighting, and the mean against the plan (keys, shapes, dtypes, finite values). A failed check
+    discards the round: no client's part can be taken out of the mean."""
+    if not plans:
+        return [], [], {}, 0, {}
+    first = plans[0]
+    for p in plans[1:]:
+        if p.upload != first.upload or p.ranks != first.ranks or p.upload_codec != first.upload_codec:
+            raise RuntimeError(
+                f"{method.id}: secure aggregation needs every client of a round to upload the same tensors; the plan "
+                f"of client {p.client_id} differs from client {first.client_id}'s"
+            )
+    if parse_codec(first.upload_codec).kind != "none":
+        raise RuntimeError(
+            f"{method.id}: its plans set upload codec {first.upload_codec!r}; secure aggregation sums dense values"
+        )
+    log.info(
+        "round %d: securely aggregated: the server gets only the weighted mean of the uploads (the norm bound and "
+        "the direction check need individual updates and are skipped)",
+        rnd + 1,
+    )
+    out = runtime.train_secure(plans, max_weight=_weight_bound(method, plans, policy))
+    by_id = {p.client_id: p for p in plans}
+    rejected = {cid: f"secure aggregation: {why}" for cid, why in out.dropped.items() if cid in by_id}
+    stubs: list[ClientUpdate] = []
+    problems: dict[int, str] = {}
+    for cid, share in sorted(out.shares.items()):
+        plan = by_id.get(cid)
+        if plan is None:
+            problems[cid] = f"client {cid} took part without being sampled"
+            continue
+        counts: dict[str, int] = {}
+        for name in ("num_examples", "samples_seen"):
+            value, why = _count(name, getattr(share, name))
+            if why:
+                problems[cid] = why
+                break
+            counts[name] = value
+        if cid in problems:
+            continue
+        stub = ClientUpdate(
+            cid, {}, counts["num_examples"], counts["samples_seen"], {"train_loss": out.train_loss}, dict(plan.ranks)
+        )
+        want = {"uniform": 1, "num_examples": stub.num_examples, "samples_seen": stub.samples_seen}[method.weighting]
+        why = policy.check_counts(stub, plan)
+        if why is None and (isinstance(share.weight, bool) or share.weight != want):
+            why = f"its weight in the secure mean is {share.weight!r:.40}, but its {method.weighting} weight is {want}"
+        if why is not None:
+            problems[cid] = why
+        else:
+            stubs.append(stub)
+    for cid in by_id:
+        if cid not in out.shares and cid not in rejected:
+            rejected[cid] = "secure aggregation: no part in the aggregate"
+    if not out.shares:
+        return [], [], rejected, out.bytes_up, {}
+    why_not = "; ".join(f"client {c}: {w}" for c, w in sorted(problems.items())) or out.error
+    aggregate: ClientUpdate | str = why_not or "no aggregate"
+    if why_not is None and out.mean is not None:
+        owner = by_id[stubs[0].client_id]
+        mean = ClientUpdate(
+            owner.client_id,
+            dict(out.mean),
+            sum(u.num_examples for u in stubs),
+            sum(u.samples_seen for u in stubs),
+            {"train_loss": out.train_loss},
+            dict(owner.ranks),
+        )
+        aggregate = decode_reply(mean, owner)
+    if isinstance(aggregate, str):
+        for cid in out.shares:
+            rejected[cid] = problems.get(cid) or f"secure round discarded: {aggregate}"
+        return [], [], rejected, out.bytes_up, {}
+    metrics: dict[str, float] = {}
+    raw = [u.num_examples if method.weighting == "num_examples" else u.samples_seen for u in stubs]
+    if method.weighting != "uniform":
+        capped = method.weights(stubs)
+        over = [u.client_id for u, p, w in zip(stubs, capped, raw, strict=True) if p < w / sum(raw) - 1e-9]
+        if over:  # the mean was weighted by the raw counts: SecAgg+ cannot reweigh one client afterwards
+            log.warning(
+                "round %d: max_weight_ratio would cap the weight of client(s) %s; the secure mean weighs them by "
+                "their counts",
+                rnd + 1,
+                over,
+            )
+            metrics["secagg_uncapped"] = float(len(over))
+    return stubs, [aggregate], rejected, out.bytes_up, metrics
+
+
 def run_round(
     rnd: int,
     method: FedMethod,
@@ -531,7 +690,9 @@ def run_round(
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``rnd`` (0-based; reported as ``rnd + 1``) with the given sampled ``clients``; return the new
     server state and the report. With ``privacy`` (user-level DP), the policy's direction check is off and, with
-    server noise, the accepted replies reach the method as one noisy mean update (:func:`_noisy_release`)."""
+    server noise, the accepted replies reach the method as one noisy mean update (:func:`_noisy_release`). A runtime
+    that aggregates securely (:func:`secure_runtime`) gives only the weighted mean of the uploads, which reaches the
+    method as one update (:func:`_secure_replies`)."""
     policy = _private_policy(policy or RoundPolicy(), privacy)
     start = time.perf_counter()
     plans: list[ClientPlan] = []
@@ -544,34 +705,42 @@ def run_round(
         bytes_down += down
         client_base[c] = server.base_version
     server = replace(server, client_base=client_base)
-    replies = runtime.train(plans)
-    if len(replies) != len(plans):
-        raise RuntimeError(f"runtime returned {len(replies)} replies for {len(plans)} plans")
-    accepted: list[ClientUpdate] = []
-    rejected: dict[int, str] = {}
-    bytes_up = 0
-    for plan, reply in zip(plans, replies, strict=True):
-        if isinstance(reply, ClientUpdate) and isinstance(reply.state, Mapping):
-            with contextlib.suppress(Exception):  # not tensors: counted as nothing, rejected below
-                bytes_up += int(payload_bytes(reply.state))
-        out = decode_reply(reply, plan)
-        if isinstance(out, ClientUpdate):
-            out = policy.check_counts(out, plan) or out
-        if isinstance(out, ClientUpdate):
-            accepted.append(out)
-        else:
-            rejected[plan.client_id] = out
-    refs = {p.client_id: method.reference(p) for p in plans if p.client_id in {u.client_id for u in accepted}}
-    accepted, too_large, clipped = bound_influence(accepted, refs, policy)
-    rejected.update(too_large)
+    secure = secure_runtime(runtime)
+    agg_metrics: dict[str, float] = {}
+    release_metrics: dict[str, float] = {}
+    clipped: dict[int, str] = {}
+    if secure is not None:  # the server gets only the weighted mean of the uploads: per-reply checks cannot run
+        if privacy is not None and privacy.noise_at == "server":
+            raise RuntimeError("server-side DP clips each client's update: it cannot run with secure aggregation")
+        accepted, released, rejected, bytes_up, release_metrics = _secure_replies(rnd, method, plans, secure, policy)
+    else:
+        replies = runtime.train(plans)
+        if len(replies) != len(plans):
+            raise RuntimeError(f"runtime returned {len(replies)} replies for {len(plans)} plans")
+        accepted = []
+        rejected = {}
+        bytes_up = 0
+        for plan, reply in zip(plans, replies, strict=True):
+            if isinstance(reply, ClientUpdate) and isinstance(reply.state, Mapping):
+                with contextlib.suppress(Exception):  # not tensors: counted as nothing, rejected below
+                    bytes_up += int(payload_bytes(reply.state))
+            out = decode_reply(reply, plan)
+            if isinstance(out, ClientUpdate):
+                out = policy.check_counts(out, plan) or out
+            if isinstance(out, ClientUpdate):
+                accepted.append(out)
+            else:
+                rejected[plan.client_id] = out
+        refs = {p.client_id: method.reference(p) for p in plans if p.client_id in {u.client_id for u in accepted}}
+        accepted, too_large, clipped = bound_influence(accepted, refs, policy)
+        rejected.update(too_large)
+        released = accepted
+        if privacy is not None and privacy.noise_at == "server":
+            released, release_metrics = _noisy_release(rnd, method, server, plans, accepted, refs, privacy)
     for cid, why in sorted(rejected.items()):
         log.warning("round %d: rejected the reply of client %d: %s", rnd + 1, cid, why)
     for cid, why in sorted(clipped.items()):
         log.warning("round %d: client %d: %s", rnd + 1, cid, why)
-    agg_metrics: dict[str, float] = {}
-    released, dp_metrics = accepted, {}
-    if privacy is not None and privacy.noise_at == "server":
-        released, dp_metrics = _noisy_release(rnd, method, server, plans, accepted, refs, privacy)
     if released:
         result = method.aggregate(rnd, server, released)
         bad = _finite(result.adapter) or _finite(result.tensors or {})
@@ -598,7 +767,7 @@ def run_round(
                     base_delta=base, base_version=server.base_version + 1, last_base_update=dict(result.base_delta)
                 )
             server = replace(server, **changes)
-            agg_metrics = {**result.metrics, **dp_metrics}
+            agg_metrics = {**result.metrics, **release_metrics}
     else:
         log.warning("round %d: no acceptable reply; the global state is unchanged", rnd + 1)
         server = replace(server, round=rnd + 1)

@@ -23,6 +23,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import ConfigError, RunConfig
+from fedlora.flower.secagg import (
+    SECAGG_DEFAULTS,
+    SECAGG_KEYS,
+    SecAggSettings,
+    fitins_plan,
+    fitres_content,
+    is_fitins,
+    secure_mod,
+)
 
 log = logging.getLogger("fedlora")
 
@@ -30,6 +39,7 @@ FLOWER_KEYS = {
     "resume": "a run directory to resume (on the ServerApp's machine); empty: a new run",
     "reply-timeout": "seconds the server waits for a round's replies; a node that has not replied by then is rejected",
     "node-wait": "seconds the server waits at the start for one SuperNode per client to connect",
+    **SECAGG_KEYS,
 }
 """Run-config keys of the Flower app beyond ``fedlora run``'s options."""
 
@@ -39,9 +49,16 @@ class FlowerOptions:
     resume: str | None = None
     reply_timeout: float = 600.0
     node_wait: float = 120.0
+    secagg: SecAggSettings | None = None
+    """Secure aggregation (SecAgg+) settings; None: off."""
 
 
-FLOWER_DEFAULTS = {"resume": "", "reply-timeout": FlowerOptions.reply_timeout, "node-wait": FlowerOptions.node_wait}
+FLOWER_DEFAULTS = {
+    "resume": "",
+    "reply-timeout": FlowerOptions.reply_timeout,
+    "node-wait": FlowerOptions.node_wait,
+    **SECAGG_DEFAULTS,
+}
 
 
 def config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
@@ -80,6 +97,14 @@ def config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, Flower
     for name in ("reply_timeout", "node_wait"):
         if not getattr(opts, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive number of seconds")
+    secagg = SecAggSettings.from_run_config(flower)
+    if secagg is not None:
+        from fedlora.flower.secagg import refusal
+
+        why = refusal(cfg, secagg)
+        if why:
+            raise ConfigError(why)
+        opts = dataclasses.replace(opts, secagg=secagg)
     return cfg, opts
 
 
@@ -91,15 +116,28 @@ server_app = ServerApp()
 def server_main(grid: Grid, context: Context) -> None:
     """Run (or resume) a fedlora run with the connected SuperNodes as its clients."""
     from fedlora.api import resume, run
-    from fedlora.flower.server import FlowerRuntime, discover
+    from fedlora.flower.server import FlowerRuntime, accepted_rounds, discover
 
     log.setLevel(logging.INFO)
     cfg, opts = config_from_flower(context.run_config)
 
     def make_runtime(setup: Any, run_dir: Any) -> FlowerRuntime:
-        nodes = discover(grid, cfg.clients, wait=opts.node_wait)
-        log.info("clients → nodes: %s", {c: nodes[c] for c in sorted(nodes)})
-        return FlowerRuntime(grid, nodes, setup.engine, reply_timeout=opts.reply_timeout, run_key=run_dir.path.name)
+        labels = list(setup.data_info["labels"])
+        found = discover(grid, cfg.clients, wait=opts.node_wait, labels=labels)
+        log.info("clients → nodes: %s", {c: found.nodes[c] for c in sorted(found.nodes)})
+        if found.declared_examples:
+            log.info("clients with their own data (declared training examples): %s", found.declared_examples)
+        return FlowerRuntime(
+            grid,
+            found.nodes,
+            setup.engine,
+            reply_timeout=opts.reply_timeout,
+            run_key=run_dir.run_id,  # the nodes keep their clients' state by it
+            labels=labels,
+            declared_examples=found.declared_examples,
+            secagg=opts.secagg,
+            accepted_round=accepted_rounds(run_dir.read_metrics()),  # a resumed run: what the nodes must commit
+        )
 
     if opts.resume:
         result = resume(opts.resume, runtime=make_runtime, rounds=cfg.rounds)
@@ -111,6 +149,13 @@ def server_main(grid: Grid, context: Context) -> None:
 # ------------------------------------------------------------------------------------------------ client
 client_app = ClientApp()
 MEMORY = "fedlora-memory"
+RECORD = "fedlora"
+"""The config record of every fedlora message: ``plan`` (down) or ``reply`` (up) bytes."""
+
+
+def make_content(**fields: bytes) -> RecordDict:
+    """A fedlora message's content: the given bytes in the ``fedlora`` config record."""
+    return RecordDict({RECORD: ConfigRecord(dict(fields))})
 
 
 def _client_id(context: Context) -> int:
@@ -124,16 +169,26 @@ def _client_id(context: Context) -> int:
 
 
 WORKER_KEY = "fedlora-worker"
+DATA_KEY = "fedlora-data"
+"""Node config: a local data file that is this client's data (instead of its partition of the run's dataset)."""
+MODEL_KEY = "fedlora-model"
+"""Node config: the only model this node serves (a run configured with another model is refused)."""
+STATE_KEY = "fedlora-state-dir"
+"""Node config: where the node keeps its clients' memories on disk (survives a restart of the ServerApp)."""
+NODE_KEYS = (DATA_KEY, MODEL_KEY, STATE_KEY)
 
 
 def _handle(kind: str, message: Message, context: Context) -> Message:
     """Run a message through this node's fedlora session: in this process, or in the node worker that
     ``fedlora node`` started (``fedlora-worker`` in the node config), which keeps the model loaded across rounds.
     The client's memory goes in from the Context and comes back into it."""
-    from fedlora.flower.server import RECORD, make_content
-
-    header = {"kind": kind, "client_id": _client_id(context), "run_config": dict(context.run_config)}
-    plan = b"" if kind == "hello" else message.content.config_records[RECORD]["plan"]
+    header = {
+        "kind": kind,
+        "client_id": _client_id(context),
+        "run_config": dict(context.run_config),
+        **{k: context.node_config[k] for k in NODE_KEYS if context.node_config.get(k)},
+    }
+    plan = message.content.config_records[RECORD]["plan"]
     record = context.state.config_records.get(MEMORY)
     memory = record["memory"] if record is not None and "memory" in record else b""
     worker = context.node_config.get(WORKER_KEY)
@@ -165,8 +220,13 @@ def client_hello(message: Message, context: Context) -> Message:
     return _handle("hello", message, context)
 
 
-@client_app.train()
+@client_app.train(mods=[secure_mod])
 def client_train(message: Message, context: Context) -> Message:
+    if is_fitins(message):  # a SecAgg+ round: the plan comes in the legacy FitIns, the answer goes as a FitRes
+        plan, settings = fitins_plan(message)
+        message.content.config_records[RECORD] = ConfigRecord({"plan": plan})
+        reply = _handle("train", message, context).content.config_records[RECORD]["reply"]
+        return Message(fitres_content(reply, _client_id(context), settings), reply_to=message)
     return _handle("train", message, context)
 
 

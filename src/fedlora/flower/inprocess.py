@@ -15,6 +15,14 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 
+def _transported(message: Message) -> Message:
+    """``message`` as the other side receives it: serialised and parsed (Flower's protobuf), so no object is
+    shared between server and node (a SecAgg+ workflow sends one content object to several nodes)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(message))
+
+
 class InProcessGrid(Grid):
     """Nodes ``1..N`` with ``node_configs[i]``; a message is answered when pushed."""
 
@@ -38,6 +46,8 @@ class InProcessGrid(Grid):
         self._ids = itertools.count(1)
         self._replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.received: list[Message] = []
+        """Every reply, as the server received it."""
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used in process
         pass
@@ -69,10 +79,11 @@ class InProcessGrid(Grid):
                 reply = Message(Error(code=0, reason=why), reply_to=msg)
             else:
                 try:
-                    reply = self.client_app(msg, self.contexts[node])
+                    reply = _transported(self.client_app(_transported(msg), self.contexts[node]))
                 except Exception as e:  # as a SuperNode does: an error reply
                     reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             reply.metadata.__dict__["_reply_to_message_id"] = mid
+            self.received.append(reply)
             self._replies[mid] = reply
             ids.append(mid)
         return ids
@@ -89,14 +100,17 @@ def run_in_process(
     num_nodes: int,
     *,
     fail: Callable[[int, Message], str | None] | None = None,
+    node_extra: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> InProcessGrid:
-    """Run the ServerApp against ``num_nodes`` in-process nodes (partition-id 0..N-1); returns the grid."""
+    """Run the ServerApp against ``num_nodes`` in-process nodes (partition-id 0..N-1; ``node_extra[k]``: more node
+    config of node k, e.g. its own data file); returns the grid."""
     from flwr.supercore.task_identity import TaskIdentity  # what a ServerApp process sets from its SuperLink
 
     from fedlora.flower.app import client_app, server_main
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    configs = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+    extra = node_extra or {}
+    configs = [{"partition-id": i, "num-partitions": num_nodes, **extra.get(i, {})} for i in range(num_nodes)]
     grid = InProcessGrid(client_app, configs, run_config, fail=fail)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     server_main(grid, context)

@@ -94,14 +94,42 @@ def config_key(cfg: RunConfig) -> str:
 
 
 class NodeSession:
-    """The client side of one run on one node: a local engine used one client at a time."""
+    """The client side of one run on one node: a local engine used one client at a time.
 
-    def __init__(self, cfg: RunConfig) -> None:
+    With ``data_file``, the node is client ``client_id`` only and its data is that file (encoded by the run's
+    ``labels``, which the server sends), not its partition of the run's dataset: the run's dataset is not loaded."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        data_file: str | None = None,
+        client_id: int | None = None,
+        labels: tuple[str, ...] = (),
+    ) -> None:
         from fedlora.api import build, resolve_config
 
         self.config = resolve_config(cfg.replace(progress=False))
         torch.set_num_threads(self.config.threads)
-        self.setup = build(self.config)
+        self.own_data = client_id if data_file else None
+        data = None
+        if data_file:
+            from fedlora.data import FederatedData, load_client_file
+
+            if client_id is None or not 0 <= client_id < self.config.clients:
+                raise ValueError(f"partition-id {client_id} is outside 0..{self.config.clients - 1}")
+            mine = load_client_file(
+                data_file,
+                client_id=client_id,
+                label_names=labels,
+                text_column=self.config.text_column,
+                label_column=self.config.label_column,
+                client_test_fraction=self.config.client_test_fraction,
+                seed=self.config.seed,
+            )
+            # every slot holds this node's data: the session only ever serves client_id (checked per message)
+            data = FederatedData(clients=[mine] * self.config.clients, test=mine.test, label_names=list(labels))
+        self.setup = build(self.config, data=data)
         self.engine = self.setup.engine
         self.method = self.setup.method
         self.original_base = (
@@ -137,7 +165,13 @@ class NodeSession:
     def hello(self, client_id: int) -> dict[str, Any]:
         if not 0 <= client_id < len(self.engine.clients):
             raise ValueError(f"partition-id {client_id} is outside 0..{len(self.engine.clients) - 1}")
-        return {"client_id": client_id, "num_examples": len(self.engine.clients[client_id].train)}
+        if self.own_data is not None and client_id != self.own_data:
+            raise ValueError(f"this node holds client {self.own_data}'s own data, not client {client_id}'s")
+        return {
+            "client_id": client_id,
+            "num_examples": len(self.engine.clients[client_id].train),
+            "own_data": self.own_data is not None,
+        }
 
     def _plan(self, plan_blob: bytes, client_id: int) -> tuple[Any, dict[str, Any]]:
         plan, extra = unpack_plan(plan_blob)
@@ -174,13 +208,22 @@ _SESSIONS: dict[str, NodeSession] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def session_for(cfg: RunConfig, keep: int = 1) -> NodeSession:
-    """The node session of this configuration, built once per process (at most ``keep`` kept)."""
+def session_for(
+    cfg: RunConfig,
+    keep: int = 1,
+    *,
+    data_file: str | None = None,
+    client_id: int | None = None,
+    labels: tuple[str, ...] = (),
+) -> NodeSession:
+    """The node session of this configuration (and own data file), built once per process (at most ``keep``)."""
     key = config_key(cfg)
+    if data_file:
+        key += json.dumps([data_file, client_id, list(labels)])
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
             while len(_SESSIONS) >= keep:
                 _SESSIONS.pop(next(iter(_SESSIONS)))
             log.info("building the node session (model, data, method) for this run")
-            _SESSIONS[key] = NodeSession(cfg)
+            _SESSIONS[key] = NodeSession(cfg, data_file=data_file, client_id=client_id, labels=labels)
         return _SESSIONS[key]

@@ -10,21 +10,26 @@ malformed gives a rejected reply, never a dead run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from flwr.app import Message
 
 from fedlora.adapters.state import AdapterState
+from fedlora.client.codecs import parse_codec
+from fedlora.config import ConfigError
 from fedlora.engines.local import LocalEngine, weighted_personal
-from fedlora.federation.round import prepare_plan
+from fedlora.federation.round import SecureAggregate, SecureShare, prepare_plan
+from fedlora.flower.app import RECORD, make_content
+from fedlora.flower.secagg import SecAggSettings
 from fedlora.flower.wire import WireError, pack, pack_plan, unpack, unpack_reply
 from fedlora.methods.base import ClientPlan, ClientUpdate, ServerState
 
 log = logging.getLogger("fedlora")
-
-RECORD = "fedlora"
 
 
 class NodeError(RuntimeError):
@@ -44,12 +49,6 @@ def _blob_of(message: Any, field: str) -> bytes:
     return value
 
 
-def make_content(**fields: bytes) -> Any:
-    from flwr.app import ConfigRecord, RecordDict
-
-    return RecordDict({RECORD: ConfigRecord(dict(fields))})
-
-
 class FlowerRuntime:
     """Plans go to the node that holds each client; replies come back as :class:`ClientUpdate` (or errors)."""
 
@@ -61,6 +60,10 @@ class FlowerRuntime:
         *,
         reply_timeout: float,
         run_key: str,
+        labels: Sequence[str] = (),
+        declared_examples: Mapping[int, int] | None = None,
+        secagg: SecAggSettings | None = None,
+        accepted_round: Mapping[int, int] | None = None,
     ) -> None:
         self.grid = grid
         self.nodes = dict(nodes)
@@ -69,9 +72,22 @@ class FlowerRuntime:
         self.method = local.method
         self.reply_timeout = reply_timeout
         self.run_key = run_key
-        self.accepted_round: dict[int, int] = {}
+        self.labels = list(labels)
+        """The run's label names, sent with every plan (a node that holds its own data encodes its labels by them)."""
+        self.declared_examples = dict(declared_examples or {})
+        """Training-set sizes declared by the nodes that hold their own data (the server has no other source)."""
+        self.accepted_round: dict[int, int] = dict(accepted_round or {})
         """Per client, the latest round whose reply was accepted (sent with every plan: the node commits it)."""
         self._planned: dict[int, int] = {}
+        self.secagg = secagg
+        """With settings, each round's training is one SecAgg+ run (:meth:`train_secure`; :mod:`.secagg`)."""
+        if secagg is not None:
+            codec = getattr(self.method, "upload_codec", None) or self.method.ctx.upload_codec
+            if parse_codec(codec).kind != "none":
+                raise ConfigError(
+                    f"{self.method.id} uploads with codec {codec!r}: with secure-aggregation the upload must be dense "
+                    "(SecAgg+ sums quantised values; e.g. flasc needs upload_density=1)"
+                )
 
     # ------------------------------------------------------------------------------------------ messaging
     def _exchange(self, kind: str, blobs: Mapping[int, bytes], group: str) -> dict[int, bytes | Exception]:
@@ -83,16 +99,24 @@ class FlowerRuntime:
             if node is None:
                 out[cid] = NodeError(f"no node holds client {cid}")
                 continue
-            msg = self.grid.create_message(make_content(plan=blob), kind, node, group, ttl=self.reply_timeout + 60)
+            msg = Message(
+                content=make_content(plan=blob),
+                dst_node_id=node,
+                message_type=kind,
+                group_id=group,
+                ttl=self.reply_timeout + 60,
+            )
             messages.append(msg)
             owner[id(msg)] = cid
         if not messages:
             return out
-        start = time.monotonic()
         ids = list(self.grid.push_messages(messages))
+        start = time.monotonic()
         by_id = {mid: owner[id(m)] for mid, m in zip(ids, messages, strict=True)}
         waiting = set(ids)
-        while waiting and time.monotonic() - start < self.reply_timeout:
+        first = True
+        while waiting and (first or time.monotonic() - start < self.reply_timeout):  # replies already in count
+            first = False
             for reply in self.grid.pull_messages(list(waiting)):
                 mid = reply.metadata.reply_to_message_id
                 if mid not in waiting:
@@ -110,10 +134,17 @@ class FlowerRuntime:
         return out
 
     def _extra(self, cid: int) -> dict[str, Any]:
-        return {"commit_round": self.accepted_round.get(cid, -1), "run_key": self.run_key}
+        return {"commit_round": self.accepted_round.get(cid, -1), "run_key": self.run_key, "labels": self.labels}
 
     # ------------------------------------------------------------------------------------------ Runtime
+    @property
+    def secure_aggregation(self) -> bool:
+        """Does each round go through SecAgg+ (the round logic then calls :meth:`train_secure`)?"""
+        return self.secagg is not None
+
     def train(self, plans: Sequence[ClientPlan]) -> list[ClientUpdate | Exception]:
+        if self.secagg is not None:
+            raise RuntimeError("this runtime aggregates securely: a round's training goes through train_secure")
         blobs = {p.client_id: pack_plan(p, self._extra(p.client_id)) for p in plans}
         self._planned = {p.client_id: p.round for p in plans}
         group = str(plans[0].round + 1) if plans else "0"
@@ -128,6 +159,61 @@ class FlowerRuntime:
             update, _ = unpack_reply(blob)
             replies.append(update)
         return replies
+
+    def train_secure(self, plans: Sequence[ClientPlan], *, max_weight: float | None) -> SecureAggregate:
+        """One SecAgg+ run over the nodes of the plans' clients (:mod:`fedlora.flower.secagg`): the weighted mean of
+        what they uploaded, who took part (with the weight and counts each sent in the clear) and who dropped out.
+        Nothing here ever holds an individual upload."""
+        from fedlora.flower.secagg import DEFAULT_MAX_WEIGHT, fitins_for, mean_arrays, run_secagg
+
+        settings = self.secagg
+        if settings is None:
+            raise RuntimeError("train_secure: this runtime runs without secure aggregation")
+        self._planned = {p.client_id: p.round for p in plans}
+        weight_cap = float(max_weight) if max_weight else DEFAULT_MAX_WEIGHT
+        dropped: dict[int, str] = {}
+        fitins, owner = {}, {}
+        for p in plans:
+            node = self.nodes.get(p.client_id)
+            if node is None:
+                dropped[p.client_id] = f"no node holds client {p.client_id}"
+                continue
+            blob = pack_plan(p, self._extra(p.client_id))
+            fitins[node] = fitins_for(blob, weighting=self.method.weighting, settings=settings, max_weight=weight_cap)
+            owner[node] = p.client_id
+        if len(fitins) < 2:
+            for cid in owner.values():
+                dropped[cid] = f"SecAgg+ needs at least 2 clients in a round, this one has {len(fitins)}"
+            return SecureAggregate(None, {}, dropped)
+        rnd = plans[0].round
+        outcome, errors, _ = run_secagg(
+            self.grid, fitins, settings, rnd=rnd, max_weight=weight_cap, timeout=self.reply_timeout
+        )
+        for node, why in errors.items():
+            if node in owner:
+                log.warning("round %d: client %d dropped out of SecAgg+: %s", rnd + 1, owner[node], why)
+        if outcome is None:
+            halted = "SecAgg+ halted: too few clients were left to rebuild the masks"
+            for node, cid in owner.items():
+                dropped[cid] = f"{halted} ({errors[node]})" if node in errors else halted
+            return SecureAggregate(None, {}, dropped)
+        shares = {
+            owner[node]: SecureShare(weight, metrics.get("num_examples"), metrics.get("samples_seen"))
+            for node, (weight, metrics) in outcome.shares.items()
+            if node in owner
+        }
+        for node, cid in owner.items():
+            if cid not in shares:
+                dropped[cid] = errors.get(node, "dropped out of the SecAgg+ protocol")
+        specs = plans[0].upload
+        keys = sorted(specs)
+        bytes_up = 8 * (sum(math.prod(specs[k].shape) for k in keys) + 2) * len(shares)  # int64 masked vectors
+        try:
+            arrays, loss = mean_arrays(outcome, [tuple(specs[k].shape) for k in keys], settings.clipping_range)
+        except ValueError as e:
+            return SecureAggregate(None, shares, dropped, bytes_up=bytes_up, error=str(e))
+        mean = {k: torch.from_numpy(a.astype("float64")).to(specs[k].dtype) for k, a in zip(keys, arrays, strict=True)}
+        return SecureAggregate(mean, shares, dropped, train_loss=loss, bytes_up=bytes_up)
 
     def accept(self, client_ids: Sequence[int]) -> None:
         for cid in client_ids:
@@ -172,9 +258,30 @@ class FlowerRuntime:
         self.local.restore(server, {}, weights)
 
 
-def discover(grid: Any, num_clients: int, *, wait: float) -> dict[int, int]:
-    """Client id → node id, from each node's answer to a ``query`` hello (waits up to ``wait`` seconds for
-    ``num_clients`` nodes to connect)."""
+def accepted_rounds(history: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Per client, the latest round (0-based) whose reply was accepted, from a run's ``metrics.jsonl`` records: what
+    a restarted ServerApp tells the nodes to commit."""
+    out: dict[int, int] = {}
+    for record in history:
+        rejected = {str(k) for k in record.get("rejected", {})}
+        for cid in record.get("clients", []):
+            if str(cid) not in rejected:
+                out[int(cid)] = int(record["round"]) - 1
+    return out
+
+
+@dataclass(frozen=True)
+class Discovery:
+    nodes: dict[int, int]
+    """client id → node id"""
+    declared_examples: dict[int, int]
+    """client id → training-set size, for the clients whose node holds its own data file"""
+
+
+def discover(grid: Any, num_clients: int, *, wait: float, labels: Sequence[str] = ()) -> Discovery:
+    """Which node holds which client, from each node's answer to a ``query`` hello that carries the run's label
+    names (waits up to ``wait`` seconds for ``num_clients`` nodes to connect). A node with its own data file also
+    declares its training-set size."""
     deadline = time.monotonic() + wait
     nodes: list[int] = []
     while time.monotonic() < deadline:
@@ -184,10 +291,13 @@ def discover(grid: Any, num_clients: int, *, wait: float) -> dict[int, int]:
         time.sleep(0.5)
     if len(nodes) < num_clients:
         raise NodeError(f"{len(nodes)} nodes connected within {wait:g} s; the run needs one per client ({num_clients})")
-    hello = pack({"kind": "hello"}, {})
-    messages = [grid.create_message(make_content(plan=hello), "query", n, "hello") for n in nodes]
+    hello = pack({"kind": "hello", "extra": {"labels": list(labels)}}, {})
+    messages = [
+        Message(content=make_content(plan=hello), dst_node_id=n, message_type="query", group_id="hello") for n in nodes
+    ]
     replies = list(grid.send_and_receive(messages, timeout=wait))
     found: dict[int, int] = {}
+    declared: dict[int, int] = {}
     problems = []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -198,6 +308,11 @@ def discover(grid: Any, num_clients: int, *, wait: float) -> dict[int, int]:
                 raise NodeError(f"node {node} says it is client {cid!r}, outside 0..{num_clients - 1}")
             if cid in found:
                 raise NodeError(f"nodes {found[cid]} and {node} both say they are client {cid}")
+            if meta.get("own_data"):
+                n = meta.get("num_examples")
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    raise NodeError(f"node {node} (client {cid}) declares {n!r} training examples")
+                declared[cid] = n
             found[cid] = node
         except (NodeError, WireError, KeyError) as e:
             problems.append(str(e))
@@ -208,4 +323,4 @@ def discover(grid: Any, num_clients: int, *, wait: float) -> dict[int, int]:
             f"'partition-id=K num-partitions={num_clients}')"
             + (f"; problems: {'; '.join(problems[:4])}" if problems else "")
         )
-    return found
+    return Discovery(found, declared)

@@ -58,23 +58,33 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise WireError(f"expected bytes, got a {type(blob).__name__}")
     blob = bytes(blob)
-    if len(blob) < 8:
+    if not blob:
         raise WireError("blob shorter than its length prefix")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(blob):
-        raise WireError(f"header length {n} is out of range for a blob of {len(blob)} bytes")
-    try:
-        meta = json.loads(blob[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"header is not JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise WireError("header is not a JSON object")
-    body = blob[8 + n :]
+    meta = peek_meta(blob)
+    body = blob[8 + struct.unpack("<Q", blob[:8])[0] :]
     try:
         tensors = st_load(body) if body else {}
     except Exception as e:  # safetensors' own errors: malformed payload
         raise WireError(f"payload is not safetensors: {type(e).__name__}: {str(e)[:200]}") from None
     return meta, tensors
+
+
+def peek_meta(blob: bytes) -> dict[str, Any]:
+    """The JSON header of a blob without decoding its tensors (``{}`` for an empty blob)."""
+    if not blob:
+        return {}
+    if len(blob) < 8:
+        raise WireError("blob shorter than its length prefix")
+    (n,) = struct.unpack("<Q", bytes(blob[:8]))
+    if n > MAX_HEADER_BYTES or 8 + n > len(blob):
+        raise WireError(f"header length {n} is out of range for a blob of {len(blob)} bytes")
+    try:
+        meta = json.loads(bytes(blob[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"header is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise WireError("header is not a JSON object")
+    return meta
 
 
 def _dtype(name: Any) -> torch.dtype:

@@ -14,6 +14,7 @@ The socket file is created with mode 0600 inside a directory only this user can 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,13 +66,28 @@ def handle_request(header: Mapping[str, Any], plan: bytes, memory_blob: bytes) -
     """Run one forwarded message through the node session of its run (the same code as in-process)."""
     from fedlora.flower.app import config_from_flower
     from fedlora.flower.node import ClientMemory, session_for
-    from fedlora.flower.wire import pack, pack_error, pack_reply
+    from fedlora.flower.wire import pack, pack_error, pack_reply, peek_meta
 
     cfg, _ = config_from_flower(header["run_config"])
-    session = session_for(cfg)
     kind, cid = header["kind"], int(header["client_id"])
+    pinned = header.get("fedlora-model")
+    asked = Path(cfg.model).expanduser()
+    if pinned and pinned not in (cfg.model, str(asked.resolve()) if asked.exists() else cfg.model):
+        raise ValueError(f"this node serves model {pinned!r} only; the run asks for {cfg.model!r}")
+    own = header.get("fedlora-data")
+    if own:
+        labels = peek_meta(plan).get("extra", {}).get("labels")
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise ValueError("the server sent no label names; a node with its own data file needs them")
+        session = session_for(cfg, data_file=str(own), client_id=cid, labels=tuple(str(x) for x in labels))
+    else:
+        session = session_for(cfg)
     if kind == "hello":
         return {"ok": True}, pack(session.hello(cid), {}), memory_blob
+    store = MemoryStore(str(header["fedlora-state-dir"])) if header.get("fedlora-state-dir") else None
+    run_key = str(peek_meta(plan).get("extra", {}).get("run_key") or "")
+    if store is not None and run_key and not memory_blob:  # a new Flower run (the ServerApp restarted): same run
+        memory_blob = store.load(run_key, cid)
     memory = ClientMemory.from_bytes(memory_blob)
     if kind == "train":
         reply, memory = session.train(plan, memory, cid)
@@ -81,7 +97,38 @@ def handle_request(header: Mapping[str, Any], plan: bytes, memory_blob: bytes) -
         blob = pack(result, {})
     else:
         raise ValueError(f"unknown request kind {kind!r}")
-    return {"ok": True}, blob, memory.to_bytes()
+    memory_blob = memory.to_bytes()
+    if store is not None and run_key:
+        store.save(run_key, cid, memory_blob)
+    return {"ok": True}, blob, memory_blob
+
+
+class MemoryStore:
+    """A node's copy of its clients' memories on disk, by fedlora run (the run directory's name, which a resumed
+    run keeps) and client: a restarted ServerApp starts a new Flower run whose Contexts are empty, and the node
+    picks up where it was. Each file is written whole (temporary file, fsync, rename), in a 0700 directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.root = Path(directory).expanduser()
+
+    def _path(self, run_key: str, client_id: int) -> Path:
+        digest = hashlib.sha256(run_key.encode()).hexdigest()[:32]  # any key, never a path from the server
+        return self.root / digest / f"client-{int(client_id)}.bin"
+
+    def load(self, run_key: str, client_id: int) -> bytes:
+        path = self._path(run_key, client_id)
+        return path.read_bytes() if path.is_file() else b""
+
+    def save(self, run_key: str, client_id: int, blob: bytes) -> None:
+        path = self._path(run_key, client_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class _Handler(socketserver.BaseRequestHandler):

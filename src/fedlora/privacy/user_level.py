@@ -35,14 +35,15 @@ from fedlora.methods.base import derive_seed
 NOISE_AT = ("server", "client")
 SAMPLINGS = ("fixed", "poisson")
 
-SERVER_NOISE_REFUSALS: dict[str, str] = {
+AVERAGE_REFUSALS: dict[str, str] = {
     "fedex_lora": (
         "it folds the gap between the mean of the clients' products and the product of their mean factors into the "
-        "frozen weights; handed identical noisy updates that gap is zero and it would run as fedit (use fedit)"
+        "frozen weights; handed one mean update in place of the clients' own, that gap is zero and it would run as "
+        "fedit (use fedit)"
     ),
     "flora": (
         "each client starts from factors freshly drawn for it, and the server stacks every client's factors into "
-        "the frozen weights, so there is no shared starting point to add one noisy mean update to"
+        "the frozen weights, so there is no shared starting point and nothing to average"
     ),
     "flexlora": (
         "the server re-factorises the weighted sum of the clients' products by a truncated SVD at each client's "
@@ -55,17 +56,17 @@ SERVER_NOISE_REFUSALS: dict[str, str] = {
     "pad_replicate": "clients train at different ranks, averaged rank slot by rank slot over replicated padding",
     "fl_tac": (
         "each client starts from its own cluster's adapter and the server clusters the submissions, so there is no "
-        "one shared starting point to add a noisy mean update to, and the cluster assignments would reveal which "
-        "clients took part"
+        "one shared starting point to average from, and the cluster assignments would reveal which clients took part"
     ),
     "scaffold": (
-        "its server control variate moves by |S|/N times the mean change of the clients' control variates, so the "
-        "number of accepted replies |S| would be released without noise"
+        "its server control variate moves by |S|/N times the mean change of the clients' control variates, which "
+        "depends on the number of accepted replies |S|, not only on their average (under server-side DP, |S| would "
+        "be released without noise)"
     ),
 }
-"""Why these methods cannot take server-side noise: their aggregate is not post-processing of one noisy mean update
-(a method not listed is refused when it refuses robust aggregators or trains mixed ranks:
-:func:`server_noise_refusal`)."""
+"""Why these methods' aggregate is not an average of what travels from one shared starting point (a method not
+listed is refused too when it refuses robust aggregators or trains mixed ranks: :func:`average_refusal`). Server-side
+noise and secure aggregation both need such an average."""
 
 
 # ------------------------------------------------------------------------------------------------ updates
@@ -150,9 +151,15 @@ def privatize_upload(
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def _server_noise_reason(cls: Any) -> str | None:
-    if cls.id in SERVER_NOISE_REFUSALS:
-        return SERVER_NOISE_REFUSALS[cls.id]
+def average_refusal(cls: Any) -> str | None:
+    """Why method class ``cls``'s aggregate is not a weighted average of what travels from one starting point shared
+    by every client, whatever the number of replies (None when it is).
+
+    Two mechanisms hand the method one mean update in place of the clients' own and need exactly this: server-side
+    DP noise (every accepted reply replaced by ``reference + D``, :func:`server_noise_refusal`) and secure
+    aggregation on the Flower path (the server learns only the weighted mean, :mod:`fedlora.flower.secagg`)."""
+    if cls.id in AVERAGE_REFUSALS:
+        return AVERAGE_REFUSALS[cls.id]
     if not cls.supports_robust_aggregation:
         return (
             "its aggregate is not an average of what travels (" + (cls.robust_refusal or "it combines products") + ")"
@@ -162,22 +169,26 @@ def _server_noise_reason(cls: Any) -> str | None:
     return None
 
 
+def averaging_methods() -> list[str]:
+    """The registered methods whose aggregate is an average of what travels (:func:`average_refusal` is None)."""
+    from fedlora.methods.base import get_method_class, method_ids
+
+    return [m for m in method_ids() if average_refusal(get_method_class(m)) is None]
+
+
 def server_noise_refusal(cls: Any) -> str | None:
     """Why method class ``cls`` cannot use server-side noise (None when it can).
 
     Server noise replaces every accepted reply by ``reference + D`` (one noisy mean update); that is private for any
     method whose aggregate is an average of what travels, from one starting point shared by all clients, and whose
-    result does not depend on how many replies there were."""
-    from fedlora.methods.base import get_method_class, method_ids
-
-    reason = _server_noise_reason(cls)
+    result does not depend on how many replies there were (:func:`average_refusal`)."""
+    reason = average_refusal(cls)
     if reason is None:
         return None
-    able = [m for m in method_ids() if _server_noise_reason(get_method_class(m)) is None]
     return (
         f"{cls.id} cannot use dp_noise_at='server': {reason}. Server-side DP hands every client's update, replaced "
         "by one noisy mean update, to the method, which is private only for methods that average what travels. "
-        f"Use dp_noise_at='client' (each client noises its own update) or one of: {', '.join(able)}"
+        f"Use dp_noise_at='client' (each client noises its own update) or one of: {', '.join(averaging_methods())}"
     )
 
 
