@@ -76,3 +76,28 @@ def tiny_cli_args(model: str, out, *extra: str) -> list[str]:
         "1",
         *extra,
     ]
+
+
+def flower_run_config(model: str, out, name: str, **kw) -> dict:
+    """A Flower run config (dashed keys) for a short run on a tiny model: 3 clients, 2 rounds, 30 examples per label."""
+    rc = {
+        "model": model,
+        "clients": 3,
+        "rounds": 2,
+        "max-examples-per-label": 30,
+        "local-epochs": 1,
+        "partition": "dirichlet:1.0",
+        "global-test-fraction": 0.2,
+        "threads": 1,
+        "out-dir": str(out),
+        "run-name": name,
+    }
+    rc.update(kw)
+    return rc
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run directory's ``metrics.jsonl``."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

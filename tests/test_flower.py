@@ -6,10 +6,9 @@ The loopback deployment (SuperLink and SuperNodes as processes) is tested in tes
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import flower_run_config, read_metrics
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -24,24 +23,10 @@ from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, ModuleRan
 
 
 def _run_config(model: str, out, name: str, **kw) -> dict:
-    rc = {
-        "model": model,
-        "clients": 3,
-        "rounds": 2,
-        "max-examples-per-label": 30,
-        "local-epochs": 1,
-        "partition": "dirichlet:1.0",
-        "global-test-fraction": 0.2,
-        "threads": 1,
-        "out-dir": str(out),
-        "run-name": name,
-    }
-    rc.update(kw)
-    return rc
+    return flower_run_config(model, out, name, **kw)
 
 
-def _metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _same_run(flower_dir, local_dir, *, adapter: bool = True) -> None:

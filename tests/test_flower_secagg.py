@@ -4,7 +4,6 @@ round logic's secure path without a model."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import random_state
+from helpers import flower_run_config, random_state, read_metrics
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -35,24 +34,10 @@ C, Q = secagg.SECAGG_DEFAULTS["secagg-clipping-range"], secagg.SECAGG_DEFAULTS["
 
 
 def _run_config(model: str, out, name: str, **kw) -> dict:
-    rc = {
-        "model": model,
-        "clients": 3,
-        "rounds": 1,
-        "max-examples-per-label": 20,
-        "local-epochs": 1,
-        "partition": "dirichlet:1.0",
-        "global-test-fraction": 0.2,
-        "threads": 1,
-        "out-dir": str(out),
-        "run-name": name,
-    }
-    rc.update(kw)
-    return rc
+    return flower_run_config(model, out, name, **{"rounds": 1, "max-examples-per-label": 20, **kw})
 
 
-def _metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _spy_strategies(monkeypatch) -> list:
