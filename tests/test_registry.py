@@ -54,3 +54,27 @@ def test_every_method_describes_itself(method: str) -> None:
         assert d[key], (method, key)
     for opt in describe_options(cls):
         assert opt["help"], f"{method}: option {opt['name']} has no help text"
+
+
+@pytest.mark.parametrize("method", method_ids())
+def test_every_method_has_a_place_in_the_surveys_taxonomy(method: str) -> None:
+    from fedlora.methods.taxonomy import AREAS, taxonomy_of
+
+    area, category = taxonomy_of(method)
+    assert area in AREAS and category
+
+
+def test_fedlora_methods_groups_by_area_and_category(capsys) -> None:
+    from fedlora.cli import main
+    from fedlora.methods.taxonomy import AREAS, TAXONOMY
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    registered = set(method_ids())
+    shown = [area for area in AREAS if any(TAXONOMY[m][0] == area for m in registered)]
+    positions = [out.index(f"== {area}") for area in shown]
+    assert positions == sorted(positions)  # the survey's order
+    for m in registered:  # each method listed under its own category, after its area's heading
+        line = next(i for i, text in enumerate(out.splitlines()) if text.split()[:1] == [m])
+        heading = max(i for i, text in enumerate(out.splitlines()[:line]) if text.startswith("-- "))
+        assert out.splitlines()[heading] == f"-- {TAXONOMY[m][1]}", m

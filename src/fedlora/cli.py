@@ -59,22 +59,31 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _methods(name: str | None = None) -> int:
     from fedlora.methods import get_method_class, method_ids
+    from fedlora.methods.taxonomy import AREAS, TAXONOMY, taxonomy_of
 
     if name:
         return _method_detail(get_method_class(name))
     rows = [get_method_class(m).describe() for m in method_ids()]
-    groups: dict[str, list[dict[str, str]]] = {}
+    groups: dict[tuple[int, str], list[dict[str, str]]] = {}
     for r in rows:
-        groups.setdefault(r["family"].split(" (")[0], []).append(r)
+        area, category = taxonomy_of(r["id"])
+        groups.setdefault((AREAS.index(area), category), []).append(r)
     cols = ["id", "family", "paper", "weighting", "bytes_up", "bytes_down"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
-    for group in sorted(groups):
-        print(f"-- {group}")
-        for r in groups[group]:
+    shown = None
+    order = list(dict.fromkeys(TAXONOMY.values()))  # the survey's order of categories
+    for key in sorted(groups, key=lambda k: order.index((AREAS[k[0]], k[1]))):
+        area, category = AREAS[key[0]], key[1]
+        if area != shown:
+            print(f"\n== {area}")
+            shown = area
+        print(f"-- {category}")
+        for r in groups[key]:
             print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
     print("\nbytes per adapted module: m = out features, n = in features, r = rank (r_k: client k's), K = clients")
-    print("in the round; heads = trainable task head. `fedlora methods ID` shows one method in full.")
+    print("in the round; heads = trainable task head. Areas and categories: the survey's taxonomy (Table 1).")
+    print("`fedlora methods ID` shows one method in full.")
     return 0
 
 
@@ -85,6 +94,9 @@ def _method_detail(cls: type) -> int:
 
     d = cls.describe()
     print(f"{d['id']}" + (f"  (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""))
+    from fedlora.methods.taxonomy import taxonomy_of
+
+    print(f"  {'taxonomy':<11} {' / '.join(taxonomy_of(d['id']))}")
     for key in ("family", "paper", "weighting", "up", "down", "bytes_up", "bytes_down"):
         print(f"  {key:<11} {d[key]}")
     flags = [
