@@ -120,6 +120,16 @@ class LocalEngine:
                 self.personal[cid] = self._pending[cid]
         self._pending.clear()
 
+    def take_pending(self, client_id: int) -> AdapterState | None:
+        """What ``client_id``'s last turn computed for it to keep, handed over (and forgotten here) before the
+        server decided: a runtime that keeps client state elsewhere (a Flower node) commits it itself."""
+        return self._pending.pop(client_id, None)
+
+    def hold(self, client_id: int, kept: AdapterState | None) -> None:
+        """Make the engine hold only ``client_id``'s kept state (a Flower node serves one client at a time)."""
+        self.personal = {client_id: kept} if kept is not None else {}
+        self._pending.clear()
+
     def client_states(self) -> dict[int, AdapterState]:
         return dict(self.personal)
 

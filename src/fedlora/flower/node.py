@@ -144,8 +144,7 @@ class NodeSession:
         """Make the shared engine hold client ``client_id``'s kept state and frozen weights."""
         if not 0 <= client_id < len(self.engine.clients):
             raise ValueError(f"client {client_id} does not exist in a run of {len(self.engine.clients)} clients")
-        self.engine.personal = {client_id: memory.kept} if memory.kept is not None else {}
-        self.engine._pending.clear()
+        self.engine.hold(client_id, memory.kept)
         if self.method.changes_base:
             live = base_weights(self.engine.model, self.engine.layout)
             source = memory.base if memory.base_version > 0 else self.original_base
@@ -186,7 +185,7 @@ class NodeSession:
             memory.commit(int(extra.get("commit_round", -1)))
             self._enter(plan.client_id, memory)
             (reply,) = self.engine.train([plan])
-            keep = self.engine._pending.pop(plan.client_id, None)
+            keep = self.engine.take_pending(plan.client_id)
             self._leave(memory)
         if keep is not None and not isinstance(reply, BaseException):
             memory.pending, memory.pending_round = keep, plan.round
