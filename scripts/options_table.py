@@ -61,19 +61,24 @@ def table() -> str:
 
 
 def methods_table() -> str:
-    """One row per registered method, grouped by family: paper, weighting, bytes up/down per module, options."""
+    """One row per registered method, in the survey's taxonomy order (area / category): family, paper, weighting,
+    bytes up/down per module, options."""
     from fedlora.methods import describe_options, get_method_class, method_ids
+    from fedlora.methods.taxonomy import TAXONOMY, taxonomy_of
 
     rows = [
-        "| id | family | paper | default weighting | up per module | down per module | options |",
-        "|---|---|---|---|---|---|---|",
+        "| id | survey area / category | family | paper | default weighting | up per module | down per module "
+        "| options |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    classes = sorted((get_method_class(m) for m in method_ids()), key=lambda c: (c.family.split(" (")[0], c.id))
+    order = list(dict.fromkeys(TAXONOMY.values()))
+    classes = sorted((get_method_class(m) for m in method_ids()), key=lambda c: (order.index(taxonomy_of(c.id)), c.id))
     for cls in classes:
         d = cls.describe()
         ident = f"`{cls.id}`" + (f" (alias {', '.join(f'`{a}`' for a in cls.aliases)})" if cls.aliases else "")
         opts = ", ".join(f"`{o['name']}`" for o in describe_options(cls)) or "-"
-        cells = [ident, d["family"], d["paper"], d["weighting"], d["bytes_up"], d["bytes_down"], opts]
+        where = " / ".join(taxonomy_of(cls.id))
+        cells = [ident, where, d["family"], d["paper"], d["weighting"], d["bytes_up"], d["bytes_down"], opts]
         rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(rows)
 

@@ -18,6 +18,14 @@ def random_state(layout: LoraLayout, gen: torch.Generator) -> dict[str, torch.Te
     return state
 
 
+def pretrained_weights(layout: LoraLayout, seed: int = 7):
+    """A stand-in for a run's pretrained weights (``MethodContext.base_weights``): one seeded random ``(out, in)``
+    matrix per module, for methods that initialise from them (FeDeRA)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {spec.name: torch.randn(spec.out_features, spec.in_features, generator=gen) for spec in layout.modules}
+    return lambda: weights
+
+
 LORA_KW = dict(
     task_type="SEQ_CLS",
     r=4,

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import HEAD, random_state, tiny_config
+from helpers import HEAD, pretrained_weights, random_state, tiny_config
 
 from fedlora import RunConfig
 from fedlora.config import ConfigError
@@ -63,6 +63,9 @@ def _shifted(scale_of):
             for k, v in plan.download.items()
             if k in plan.upload
         }
+        for k, spec in plan.upload.items():
+            if k not in state:  # a factor the plan draws afresh instead of sending it (colr's B starts at zero)
+                state[k] = scale_of(plan.client_id) * torch.randn(spec.shape, generator=g)
         return ClientUpdate(plan.client_id, state, num_examples=10, samples_seen=10, ranks=plan.ranks)
 
     return reply
@@ -182,7 +185,7 @@ def _server_noise_methods() -> list[str]:
 
 @pytest.mark.parametrize("method", _server_noise_methods())
 def test_every_method_allowed_server_noise_aggregates_one_shared_noisy_update(method: str, layout, gen) -> None:
-    m = build_method(method, layout)
+    m = build_method(method, layout, base_weights=pretrained_weights(layout))
     server = m.init_server(random_state(layout, gen))
     seen = []
     original = m.aggregate

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import HEAD, random_state
+from helpers import HEAD, pretrained_weights, random_state
 
 from fedlora.adapters.state import coordinate_median, parse_aggregator, trimmed_count, trimmed_mean
 from fedlora.config import ConfigError, RunConfig
@@ -188,7 +188,7 @@ def test_one_huge_outlier_among_eight_barely_moves_robust_aggregates(layout, gen
 def _bounded_round(name: str, layout, gen, aggregator: str) -> None:
     """One aggregation of 7 honest replies (within 0.1 of what the plan sent) and one reply 1e6 away: everything
     the server publishes stays within 1 of where it was."""
-    m = build_method(name, layout, num_clients=8, aggregator=aggregator)
+    m = build_method(name, layout, num_clients=8, aggregator=aggregator, base_weights=pretrained_weights(layout))
     server = m.init_server(random_state(layout, gen))
     ups = []
     for k in range(8):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlora.adapters.peft_io import linear_base_weights
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
@@ -68,14 +69,24 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     """Fill the defaults that depend on other options (the default task's labels, weighting, threads) and make
     local paths absolute."""
     from fedlora.data import DEFAULT_DATASET, DEFAULT_LABELS
+    from fedlora.data.definitions import DEFINITIONS_DATASET, DEFINITIONS_LABEL_CAP
     from fedlora.methods import get_method_class, parse_options
+    from fedlora.models import DEFAULT_MODEL
+    from fedlora.tasks import TASKS
 
     changes: dict[str, Any] = {}
-    if cfg.dataset == DEFAULT_DATASET:
+    task = TASKS[cfg.task]  # 'default' model and dataset mean the task's own
+    if cfg.model == DEFAULT_MODEL and task.default_model != DEFAULT_MODEL:
+        changes["model"] = task.default_model
+    dataset = task.default_dataset if cfg.dataset == DEFAULT_DATASET else cfg.dataset
+    if dataset != cfg.dataset:
+        changes["dataset"] = dataset
+    if dataset in (DEFAULT_DATASET, DEFINITIONS_DATASET):
         if cfg.labels is None:
             changes["labels"] = list(DEFAULT_LABELS)
         if cfg.max_examples_per_label is None:
-            changes["max_examples_per_label"] = DEFAULT_DATASET_LABEL_CAP
+            cap = DEFINITIONS_LABEL_CAP if dataset == DEFINITIONS_DATASET else DEFAULT_DATASET_LABEL_CAP
+            changes["max_examples_per_label"] = cap
     cls = get_method_class(cfg.method)
     if cfg.method != cls.id:
         changes["method"] = cls.id
@@ -89,7 +100,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if cfg.threads is None:
         changes["threads"] = default_threads() or torch.get_num_threads()
     for key in ("model", "dataset"):  # local paths are stored absolute: --resume works from any directory
-        value = getattr(cfg, key)
+        value = changes.get(key, getattr(cfg, key))
         if value != "default" and Path(value).expanduser().exists():
             changes[key] = str(Path(value).expanduser().resolve())
     out_dir = str(Path(cfg.out_dir).expanduser().resolve())
@@ -197,6 +208,7 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None, *, data: Feder
     if cfg.alpha_rule == "auto" or cfg.weighting == "auto":
         raise ConfigError("build() takes a resolved configuration: call fedlora.api.resolve_config first")
 
+    task = get_task(cfg.task, cfg)
     data = data or prepare_federated_data(
         cfg.dataset,
         num_clients=cfg.clients,
@@ -210,8 +222,8 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None, *, data: Feder
         global_test_fraction=cfg.global_test_fraction,
         client_test_fraction=cfg.client_test_fraction,
         seed=cfg.seed,
+        extra_columns=task.extra_columns,
     )
-    task = get_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer(tokenizer, data.clients[0].train["text"], model=cfg.model)  # the dataset's own texts
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -243,6 +255,7 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None, *, data: Feder
         init_lora_weights=cfg.init_lora_weights,
         upload_codec=cfg.upload_codec,
         download_codec=cfg.download_codec,
+        base_weights=lambda: linear_base_weights(model, layout),
     )
     method = build_method(cfg.method, ctx, options=cfg.method_options)
     for ns in method.extra_adapters:
@@ -511,6 +524,14 @@ def load_trained(
     return model, load_tokenizer(trained.config.model)
 
 
+def headline_keys(task: str) -> list[str]:
+    """The metrics a progress line or a summary shows for ``task``: its headline metrics, global then personal."""
+    from fedlora.tasks import TASKS
+
+    names = TASKS[task].headline_metrics if task in TASKS else ("accuracy",)
+    return [f"{scope}_{name}" for scope in ("global", "personal") for name in names]
+
+
 class _Progress(LoopHooks):
     """A tqdm bar per round over its clients, with the running metrics; silent when progress is off."""
 
@@ -536,7 +557,7 @@ class _Progress(LoopHooks):
 
     def end_round(self, report: RoundReport) -> None:
         shown = {"train_loss": f"{report.train_loss:.4f}"}
-        for key in ("global_accuracy", "personal_accuracy"):
+        for key in headline_keys(self.cfg.task):
             if key in report.metrics:
                 shown[key.replace("_accuracy", "_acc")] = f"{report.metrics[key]:.4f}"
         if report.rejected:

@@ -224,8 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nfedlora: interrupted; resume with `fedlora run --resume <run dir>`", file=sys.stderr)
         return 130
+    from fedlora.api import headline_keys
+
     final = result.final
-    shown = {k: final[k] for k in ("global_accuracy", "personal_accuracy", "global_loss") if k in final}
+    keys = dict.fromkeys([*headline_keys(result.config.task), "global_loss"])
+    shown = {k: final[k] for k in keys if isinstance(final.get(k), int | float)}
     print(f"done: {result.run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     return 0
 

@@ -99,9 +99,18 @@ class RunConfig:
     seed: int = _opt(0, "seed of every random choice: splits, sampling, init, shuffling, dropout", int)
     # model and adapter
     model: str = _opt(
-        "default", "'default' (embedded all-MiniLM-L6-v2), a local directory or a Hugging Face hub id", str
+        "default",
+        "'default' (the task's embedded model: all-MiniLM-L6-v2 for classification, SmolLM2-135M-Instruct for "
+        "causal-lm), 'smollm2-135m-instruct', a local directory, a local .gguf file or a Hugging Face hub id",
+        str,
     )
-    task: str = _opt("classification", "task type", str, choices=("classification",))
+    task: str = _opt(
+        "classification",
+        "classification (a label per text) or causal-lm (supervised fine-tuning of a decoder: prompt -> response, "
+        "loss on the response tokens only)",
+        str,
+        choices=("classification", "causal-lm"),
+    )
     lora_r: int = _opt(8, "LoRA rank of the global adapter (the largest client rank)", int, minimum=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha; a client of rank r_k gets the scale alpha_rule says", float, minimum=0)
     alpha_rule: str = _opt(
@@ -132,25 +141,50 @@ class RunConfig:
     # data
     dataset: str = _opt(
         "default",
-        "'default' (embedded WordNet supersenses), a local CSV/JSON/JSONL/Parquet file or a Hugging Face hub id",
+        "'default' (embedded WordNet: supersense classification, or for causal-lm 'wordnet-definitions': \"Define "
+        'the word X." -> its gloss, labelled by supersense), a local CSV/JSON/JSONL/Parquet file or a Hugging Face '
+        "hub id",
         str,
     )
     dataset_config: str | None = _opt(None, "hub dataset configuration name", str, nullable=True)
     dataset_split: str = _opt("train", "split to load from a hub dataset", str)
-    text_column: str = _opt("text", "column holding the input text", str)
-    label_column: str = _opt("label", "column holding the label", str)
+    text_column: str = _opt("text", "column holding the input text (causal-lm: the prompt)", str)
+    label_column: str = _opt(
+        "label", "column holding the label (causal-lm: the group that dirichlet/natural partitions split by)", str
+    )
+    response_column: str = _opt("response", "causal-lm: column holding the response to learn", str)
     labels: list | None = _opt(
         None, "keep only these label values (default dataset: 8 noun supersenses)", list, nullable=True
     )
     max_examples_per_label: int | None = _opt(
-        None, "cap per label, seeded (default dataset: 300)", int, nullable=True, minimum=1
+        None, "cap per label, seeded (default dataset: 300; causal-lm's: 16)", int, nullable=True, minimum=1
     )
     partition: str = _opt("dirichlet:0.5", "iid | dirichlet:<alpha> | pathological:<k> | natural:<column>", str)
     global_test_fraction: float = _opt(0.1, "held-out global test fraction", float, minimum=0.0, maximum=0.9)
     client_test_fraction: float = _opt(
         0.2, "fraction of each client's data kept as its own test split", float, minimum=0.0, maximum=0.9
     )
-    max_length: int = _opt(64, "maximum tokens per example", int, minimum=4)
+    max_length: int = _opt(
+        64, "maximum tokens per example (causal-lm: prompt + response; longer ones are cut)", int, minimum=4
+    )
+    prompt_format: str = _opt(
+        "auto",
+        "causal-lm: how a prompt is laid out: chat (the tokenizer's chat template), plain ('<prompt>\\n', the "
+        "response, eos) or auto (chat when the tokenizer has a template)",
+        str,
+        choices=("auto", "chat", "plain"),
+    )
+    system_prompt: str | None = _opt(
+        None, "causal-lm, chat format: the system message (null: the template's own default)", str, nullable=True
+    )
+    eval_generations: int = _opt(
+        8,
+        "causal-lm: held-out examples answered by greedy generation at every evaluation, scored by exact match and "
+        "ROUGE-L against the reference (0: loss and perplexity only)",
+        int,
+        minimum=0,
+    )
+    max_new_tokens: int = _opt(32, "causal-lm: bound on the tokens generated per answer", int, minimum=1)
     # local training
     local_epochs: int = _opt(1, "local epochs per round (ignored when local_steps is set)", int, minimum=1)
     local_steps: int | None = _opt(

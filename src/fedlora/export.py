@@ -50,11 +50,15 @@ class ExportError(RunDirError):
 
 def public_model_name(model: str) -> str:
     """The name of a run's base model that means the same thing on any machine: a hub id as given, the embedded
-    default model's hub id for ``"default"``, the absolute path of a local directory."""
+    default model's hub id for ``"default"`` (and for ``"smollm2-135m-instruct"`` the hub model it quantises: its
+    weights differ slightly), the absolute path of a local directory."""
+    from fedlora.models.gguf import SMOLLM2, SMOLLM2_HUB_ID
     from fedlora.models.loading import DEFAULT_MODEL
 
     if model == DEFAULT_MODEL:
         return DEFAULT_MODEL_HUB_ID
+    if model == SMOLLM2:  # the embedded causal LM is a 4-bit (Q4_1) quantisation of this hub model
+        return SMOLLM2_HUB_ID
     path = Path(model).expanduser()
     if path.exists():
         return str(path.resolve())

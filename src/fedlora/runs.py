@@ -11,7 +11,7 @@ Layout::
     RUN_DIR/adapter/                the final global adapter (peft ``save_pretrained``)
     RUN_DIR/base_delta.safetensors  the change of the frozen base weights (FedEx-LoRA, FLoRA), if any
     RUN_DIR/personal/client-K/      personal adapters (FedSA-LoRA), peft format
-    RUN_DIR/metrics.png             accuracy and loss per round
+    RUN_DIR/metrics.png             the task's scores (e.g. accuracy) and losses per round
     RUN_DIR/summary.json            final metrics
 
 Tensors are stored with safetensors, everything else as JSON; nothing is pickled.
@@ -666,7 +666,8 @@ class RunDir:
         _atomic_write(self.path / "summary.json", _json_text(summary))
 
     def plot(self) -> Path | None:
-        """``metrics.png``: accuracy and loss per round (matplotlib, imported only here)."""
+        """``metrics.png``: the task's scores (accuracy; exact match, ROUGE-L; ...) and the losses per round
+        (matplotlib, imported only here)."""
         records = [r for r in self.read_metrics() if "round" in r]
         if not records:
             return None
@@ -677,9 +678,26 @@ class RunDir:
 
         rounds = [r["round"] for r in records]
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("global_accuracy", "global (held-out)"), ("personal_accuracy", "personalised")):
-            if any(key in r for r in records):
-                ax_acc.plot(rounds, [r.get(key) for r in records], marker="o", label=label)
+        scopes = {"global": "global (held-out)", "personal": "personalised"}
+        # every metric the task reported (global_<m>, personal_<m>) but losses (right panel) and perplexity (their
+        # exponential): accuracy for classification, exact match and ROUGE-L for the causal LM, ...
+        scores = sorted(
+            {
+                key.split("_", 1)[1]
+                for r in records
+                for key, value in r.items()
+                if key.split("_", 1)[0] in scopes
+                and "_" in key
+                and isinstance(value, int | float)
+                and key.split("_", 1)[1] not in ("loss", "perplexity")
+            }
+        )
+        for name in scores:
+            for scope, where in scopes.items():
+                key = f"{scope}_{name}"
+                if any(key in r for r in records):
+                    label = where if len(scores) == 1 else f"{name}, {where}"
+                    ax_acc.plot(rounds, [r.get(key) for r in records], marker="o", label=label)
         for key, label in (
             ("train_loss", "train"),
             ("global_loss", "global (held-out)"),
@@ -687,7 +705,8 @@ class RunDir:
         ):
             if any(key in r for r in records):
                 ax_loss.plot(rounds, [r.get(key) for r in records], marker="o", label=label)
-        ax_acc.set(xlabel="round", ylabel="accuracy", title="Accuracy")
+        title = scores[0] if len(scores) == 1 else "score"
+        ax_acc.set(xlabel="round", ylabel=title, title=title.capitalize())
         ax_loss.set(xlabel="round", ylabel="loss", title="Loss")
         from matplotlib.ticker import MaxNLocator
 

@@ -161,6 +161,13 @@ def base_weights(model: torch.nn.Module, layout: LoraLayout) -> dict[str, torch.
     return {spec.name: modules[spec.name].get_base_layer().weight for spec in layout.modules}
 
 
+def linear_base_weights(model: torch.nn.Module, layout: LoraLayout) -> dict[str, torch.Tensor]:
+    """The frozen base weight of every adapted module in nn.Linear layout ``(out, in)``: detached views, a Conv1D
+    weight (stored ``(in, out)``) transposed (the inverse of :func:`fedlora.adapters.state.to_base_layout`)."""
+    weights = base_weights(model, layout)
+    return {spec.name: to_base_layout(spec, weights[spec.name].detach()) for spec in layout.modules}
+
+
 BaseDelta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """A change of one frozen weight: dense ``(out, in)``, or factored ``(B, A)`` meaning ``B @ A``."""
 

@@ -3,6 +3,7 @@
 :func:`load_table` is the single entry point.  ``source`` is one of
 
 * ``"default"`` -- the WordNet 3.0 supersense table shipped with the package (see ``README.md`` here);
+* ``"wordnet-definitions"`` -- prompt/response pairs made from it (:mod:`fedlora.data.definitions`);
 * a local file ending in ``.csv``, ``.tsv``, ``.json``, ``.jsonl``, ``.ndjson`` or ``.parquet``, optionally
   compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.lz4`` -- not for Parquet, which compresses internally);
 * anything else is treated as a Hugging Face hub dataset id (or a local dataset directory) and handed to
@@ -33,6 +34,7 @@ from datasets.table import InMemoryTable
 __all__ = [
     "DEFAULT_DATASET",
     "DEFAULT_LABELS",
+    "DEFINITIONS_DATASET",
     "DataError",
     "check_columns",
     "default_dataset_path",
@@ -41,6 +43,8 @@ __all__ = [
 
 DEFAULT_DATASET = "default"
 """``source`` value selecting the shipped WordNet supersense table."""
+DEFINITIONS_DATASET = "wordnet-definitions"
+"""``source`` value selecting "Define the word X." → gloss pairs made from it (:mod:`fedlora.data.definitions`)."""
 
 DEFAULT_LABELS: tuple[str, ...] = (
     "noun.animal",
@@ -132,6 +136,11 @@ def load_table(
     if source == DEFAULT_DATASET:
         dataset = _dataset_from_arrow(_read_default_table(str(default_dataset_path())))
         where = "the default WordNet dataset"
+    elif source == DEFINITIONS_DATASET:
+        from fedlora.data.definitions import definitions_dataset
+
+        dataset = definitions_dataset()
+        where = "the WordNet definitions dataset"
     else:
         fmt = _local_format(source)
         path = pathlib.Path(source).expanduser()

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -149,6 +149,7 @@ def prepare_federated_data(
     client_test_fraction: float = 0.2,
     seed: int = 0,
     min_client_examples: int = 2,
+    extra_columns: Mapping[str, str] | None = None,
 ) -> FederatedData:
     """Load ``source`` and split it into per-client train/test sets plus a global test set.
 
@@ -163,9 +164,12 @@ def prepare_federated_data(
         client_test_fraction: fraction of each client's rows used as its local test set.
         seed: seed of every random choice; the same seed reproduces every split exactly.
         min_client_examples: minimum size of every client's local training set.
+        extra_columns: more text columns to carry along, ``{name in the result: column of the source}`` (e.g. the
+            causal-LM task's ``{"response": response_column}``); rows where one is missing or blank are dropped.
 
     Returns:
-        The :class:`FederatedData`; all datasets have exactly the columns ``text`` and ``label``.
+        The :class:`FederatedData`; all datasets have exactly the columns ``text`` and ``label`` (and the
+        ``extra_columns``).
 
     Raises:
         DataError: bad arguments, unloadable data, unknown labels, or a partition that leaves a client with
@@ -192,14 +196,25 @@ def prepare_federated_data(
             f"Partition {partition!r} needs column {natural_column!r}, which {source!r} does not have. "
             f"Available columns: {', '.join(map(repr, dataset.column_names))}."
         )
+    extra = dict(extra_columns or {})
+    absent = [column for column in extra.values() if column not in dataset.column_names]
+    if absent:
+        roles = ", ".join(f"{name} column {column!r}" for name, column in extra.items() if column in absent)
+        raise DataError(
+            f"{source!r} has no {roles}. Available columns: {', '.join(map(repr, dataset.column_names))}. Choose "
+            "the right one (e.g. --response-column)."
+        )
     label_feature = dataset.features[label_column]
     class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     wanted = [text_column, label_column]
-    if natural_column is not None and natural_column not in wanted:
-        wanted.append(natural_column)
+    for column in [natural_column, *extra.values()]:
+        if column is not None and column not in wanted:
+            wanted.append(column)
     table = dataset.select_columns(wanted).with_format("arrow")[:]
 
     table = _drop_unusable_rows(table, text_column, label_column, source)
+    for name, column in extra.items():
+        table = _drop_blank_rows(table, column, name, source)
     texts = table.column(text_column)
     codes, label_names = _encode_labels(table.column(label_column), label_column, class_names)
     natural_ids = None
@@ -222,8 +237,15 @@ def prepare_federated_data(
         )
 
     columns = {"text": texts.take(pa.array(keep)), "label": pa.array(codes, type=pa.int64())}
+    columns.update({name: table.column(column).take(pa.array(keep)) for name, column in extra.items()})
     data = pa.table(columns)
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=label_names),
+            **{name: datasets.Value("string") for name in extra},
+        }
+    )
 
     # Global held-out test set, stratified by label.
     rng = np.random.default_rng([seed, _STREAM_GLOBAL_TEST])
@@ -347,6 +369,23 @@ def _drop_unusable_rows(table: pa.Table, text_column: str, label_column: str, so
     if kept.num_rows == 0:
         raise DataError(
             f"{source!r} has no rows with both a label in {label_column!r} and a non-blank text in {text_column!r}."
+        )
+    return kept
+
+
+def _drop_blank_rows(table: pa.Table, column: str, role: str, source: str) -> pa.Table:
+    """Make ``column`` strings and drop (with a warning) the rows where it is missing or blank."""
+    values = _as_string_column(table.column(column), column, source)
+    table = table.set_column(table.column_names.index(column), column, values)
+    present = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False)
+    kept = table.filter(present)
+    if kept.num_rows == 0:
+        raise DataError(f"The {role} column {column!r} of {source!r} is missing or blank in every row.")
+    if kept.num_rows < table.num_rows:
+        warnings.warn(
+            f"Dropped {table.num_rows - kept.num_rows} of {table.num_rows} rows of {source!r} with a missing or "
+            f"blank {role} column {column!r}.",
+            stacklevel=3,
         )
     return kept
 

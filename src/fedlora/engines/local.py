@@ -153,14 +153,15 @@ class LocalEngine:
         return metrics
 
     def evaluate_global(self, server: ServerState) -> dict[str, float]:
-        """Accuracy and loss of the global model on the global test split (nothing for methods without one)."""
+        """The task's metrics (e.g. accuracy and loss) of the global model on the global test split, each as
+        ``global_<metric>`` (nothing for methods without a global model)."""
         self._sync_base(server)
         if not self.method.has_global_model:
             return {}
         self.slots.load(server.adapter)
         self.slots.reset_scales()
         m = self.task.evaluate(self.model, self.global_test, self.eval_batch_size, self.pad_id)
-        return {"global_accuracy": m["accuracy"], "global_loss": m["loss"]}
+        return {f"global_{k}": float(v) for k, v in m.items() if k != "examples"}
 
     # ------------------------------------------------------------------ helpers
     def model_plan(self, client_id: int, server: ServerState) -> ClientPlan:
@@ -177,28 +178,33 @@ class LocalEngine:
         self.slots.set_scales({k: v.scale for k, v in plan.ranks.items()}, self.method.inference_weights(client_id))
 
     def evaluate_client(self, client_id: int, server: ServerState, plan: ClientPlan | None = None) -> dict[str, float]:
-        """Accuracy, loss and test-split size of client ``client_id``'s own model on its own test split."""
+        """The task's metrics (e.g. accuracy, loss) and the test-split size (``examples``) of client ``client_id``'s
+        own model on its own test split."""
         splits = self.clients[client_id]
         if len(splits.test) == 0:
-            return {"accuracy": 0.0, "loss": 0.0, "examples": 0}
+            return {"examples": 0}
         try:
             self.load_client_model(client_id, server, plan)
             m = self.task.evaluate(self.model, splits.test, self.eval_batch_size, self.pad_id)
         finally:
             self.slots.reset_scales()
-        return {"accuracy": m["accuracy"], "loss": m["loss"], "examples": len(splits.test)}
+        return {**{k: float(v) for k, v in m.items() if k != "examples"}, "examples": len(splits.test)}
 
     def evaluate_personal(self, server: ServerState) -> dict[str, float]:
-        """Accuracy and loss of each client's own model on its own test split, weighted by split size."""
+        """The task's metrics of each client's own model on its own test split, weighted by split size."""
         return weighted_personal([self.evaluate_client(cid, server) for cid in range(len(self.clients))])
 
 
 def weighted_personal(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """``personal_accuracy``/``personal_loss``: the clients' own results weighted by their test-split sizes."""
-    total = sum(int(r["examples"]) for r in results)
+    """``personal_<metric>`` (e.g. personal_accuracy, personal_loss): the clients' own results weighted by their
+    test-split sizes (``examples``); a client without test examples does not count."""
+    counted = [r for r in results if int(r["examples"]) > 0]
+    total = sum(int(r["examples"]) for r in counted)
     if total == 0:
         return {}
+    names = sorted({k for r in counted for k in r if k != "examples"})
     return {
-        "personal_accuracy": sum(r["accuracy"] * r["examples"] for r in results) / total,
-        "personal_loss": sum(r["loss"] * r["examples"] for r in results) / total,
+        f"personal_{name}": sum(r[name] * r["examples"] for r in counted if name in r)
+        / sum(int(r["examples"]) for r in counted if name in r)
+        for name in names
     }

@@ -131,16 +131,21 @@ def start_state(
 ) -> ServerState:
     """The state to run from: fresh (saved at once as the round-0 checkpoint, before any client trains), or the
     newest intact checkpoint's (restoring the runtime's client state and base weights). A run that has no intact
-    checkpoint yet (killed while loading) starts afresh: the result is the same, as everything is seeded."""
+    checkpoint yet (killed while loading), or only the round-0 one, starts afresh: the result is the same, as
+    everything is seeded."""
     if resume:
         found = store.load_latest()
-        if found is not None:
+        if found is not None and found[0].round > 0:
             server, clients, weights = found
             runtime.restore(server, clients, weights)
             store.truncate_metrics(server.round)
             log.info("resuming after round %d", server.round)
             return server
-        log.warning("no intact checkpoint to resume from: starting the run from its beginning")
+        if found is None:
+            log.warning("no intact checkpoint to resume from: starting the run from its beginning")
+        else:  # it holds only what init_server computes again, and its base weights predate a change of the base
+            # made by init_server (FeDeRA's residual), which the runtime applies only when the first round starts
+            log.info("only the round-0 checkpoint exists: starting the run from its beginning")
         store.truncate_metrics(0)
     server = method.init_server(initial)
     _checkpoint(method, runtime, store, server)

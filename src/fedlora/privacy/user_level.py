@@ -63,6 +63,14 @@ AVERAGE_REFUSALS: dict[str, str] = {
         "depends on the number of accepted replies |S|, not only on their average (under server-side DP, |S| would "
         "be released without noise)"
     ),
+    "fedalt": (
+        "each client uploads its own individual LoRA, which the server never sent (no shared starting point), and "
+        "each client's Rest-of-World adapter is the average of the OTHER clients' uploads, which needs them one by one"
+    ),
+    "fslora": (
+        "each client trains and uploads its own random sketch of the rank slots, which the server scatters back by "
+        "index: clients start from different slices, so there is no one shared starting point to average from"
+    ),
 }
 """Why these methods' aggregate is not an average of what travels from one shared starting point (a method not
 listed is refused too when it refuses robust aggregators or trains mixed ranks: :func:`average_refusal`). Server-side

@@ -31,6 +31,22 @@ class Task(ABC):
 
     name: str
     peft_task_type: str
+    default_model: str = "default"
+    """What ``model = "default"`` means for this task (a name :func:`fedlora.models.resolve_model` knows)."""
+    default_dataset: str = "default"
+    """What ``dataset = "default"`` means for this task (a source :func:`fedlora.data.load_table` knows)."""
+    headline_metrics: tuple[str, ...] = ("accuracy",)
+    """The metrics of :meth:`evaluate` that progress lines and summaries show."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Task:
+        """The task with the run configuration's task options (a :class:`fedlora.config.RunConfig`)."""
+        return cls()
+
+    @property
+    def extra_columns(self) -> dict[str, str]:
+        """Data columns the task needs besides ``text`` and ``label``: ``{its name: the dataset's column}``."""
+        return {}
 
     @abstractmethod
     def load_model(self, source: str, *, num_labels: int | None, seed: int) -> torch.nn.Module:
@@ -51,7 +67,9 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, encoded: Encoded, batch_size: int, pad_id: int) -> dict[str, float]:
-        """Metrics over a split, e.g. ``{"loss": …, "accuracy": …}``."""
+        """Metrics over a split, e.g. ``{"loss": …, "accuracy": …, "examples": n}``: every entry but ``examples``
+        is reported as ``global_<name>`` (held-out split) and ``personal_<name>`` (clients' own splits, weighted by
+        ``examples``)."""
 
     def batch_indices(self, n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
         """Shuffled (if a generator is given) index batches covering ``range(n)`` once."""
