@@ -41,6 +41,8 @@ class FLoRA(FedMethod):
     bytes_up = "r_k(m+n) + heads"
     bytes_down = "sum_k r_k (m+n) + heads"
     default_weighting = "num_examples"
+    reinit_label = "flora-reinit"
+    """Names the seed stream of the fresh factors each client starts a round from."""
     changes_base = True
     supports_mixed_ranks = True
     supports_robust_aggregation = False
@@ -56,7 +58,7 @@ class FLoRA(FedMethod):
             server,
             download=subset(server.adapter, self.layout.other_keys),
             upload_keys=self.layout.all_keys,
-            reinit_seed=derive_seed(self.seed, "flora-reinit", rnd, client_id),
+            reinit_seed=derive_seed(self.seed, self.reinit_label, rnd, client_id),
         )
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:

@@ -32,17 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters.algebra import factored_svd
-from fedlora.adapters.state import subset
 from fedlora.methods.base import (
     AggregateResult,
-    ClientPlan,
     ClientUpdate,
-    FedMethod,
     ServerState,
-    derive_seed,
     option,
     register_method,
 )
+from fedlora.methods.flora import FLoRA
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,10 @@ def energy_rank(singular_values: torch.Tensor, threshold: float) -> int:
 
 
 @register_method
-class FLoRIST(FedMethod):
+class FLoRIST(FLoRA):
+    """FLoRA's round (fresh factors per client, merge into W0) with a thresholded SVD of the sum instead of the
+    stacked factors."""
+
     id = "florist"
     family = "aggregation (stacking + SVD energy thresholding, merge, re-init)"
     paper = "Ramesh & Dass, arXiv:2506.09199"
@@ -81,25 +81,12 @@ class FLoRIST(FedMethod):
     down = "heads + truncated SVD factors B_g, A_g of the weighted sum of products (merged into W0)"
     bytes_up = "r_k(m+n) + heads"
     bytes_down = "k*(m+n) + heads (k* <= min(m, n, sum_k r_k), set per module by the energy threshold)"
-    default_weighting = "num_examples"
-    changes_base = True
-    supports_mixed_ranks = True
-    supports_robust_aggregation = False
+    reinit_label = "florist-reinit"
     robust_refusal = (
         "it merges a truncated SVD of the weighted sum of the clients' products (sum_k p_k s_k B_k A_k) into W0; "
         "that sum is not an average of the uploaded factors"
     )
     Options = FLoRISTOptions
-
-    def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
-        return self.make_plan(
-            rnd,
-            client_id,
-            server,
-            download=subset(server.adapter, self.layout.other_keys),
-            upload_keys=self.layout.all_keys,
-            reinit_seed=derive_seed(self.seed, "florist-reinit", rnd, client_id),
-        )
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         w = self.weights(updates)
