@@ -234,3 +234,26 @@ def test_codecs_in_a_real_run_count_encoded_bytes_and_still_learn(tiny_bert: str
         assert c["bytes_down"] == p["bytes_down"] // 2
     assert coded.final["global_accuracy"] > LEARN_BOUND
     assert abs(coded.final["global_accuracy"] - plain.final["global_accuracy"]) < 0.1
+
+
+def test_initial_evaluation_is_the_untrained_model(tiny_bert: str, tmp_path) -> None:
+    """``initial.json`` holds the model before round 1: with lr 0 a round changes nothing, so round 1's global
+    metrics equal it; with training they differ. ``eval_initial=False`` writes none."""
+    frozen = run(tiny_config(tiny_bert, tmp_path, run_name="frozen", rounds=1, lr=0.0, min_cosine=None))
+    trained = run(tiny_config(tiny_bert, tmp_path, run_name="trained", rounds=1))
+    initial = json.loads((frozen.run_dir / "initial.json").read_text())
+    assert set(initial) == {"global_accuracy", "global_loss"} and initial == frozen.initial
+    assert initial["global_accuracy"] == frozen.final["global_accuracy"]
+    assert initial["global_loss"] == pytest.approx(frozen.final["global_loss"], rel=1e-5)
+    assert trained.initial == initial  # same seed, same starting model
+    assert trained.final["global_loss"] < initial["global_loss"] - 0.01
+    assert json.loads((trained.run_dir / "summary.json").read_text())["initial"] == initial
+    off = run(tiny_config(tiny_bert, tmp_path, run_name="off", rounds=1, eval_initial=False))
+    assert off.initial == {} and not (off.run_dir / "initial.json").exists()
+    assert "initial" not in json.loads((off.run_dir / "summary.json").read_text())
+
+
+def test_initial_evaluation_of_a_personalised_method(tiny_bert: str, tmp_path) -> None:
+    result = run(tiny_config(tiny_bert, tmp_path, method="fedsa_lora", rounds=1))
+    assert {"personal_accuracy", "personal_loss"} <= set(result.initial)
+    assert "global_accuracy" not in result.initial  # fedsa_lora has no global model

@@ -4,6 +4,8 @@ weights, metrics). A method that keeps mutable state anywhere but the checkpoint
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import tiny_config
@@ -72,3 +74,6 @@ def test_killed_run_resumes_bit_identical(method: str, tiny_bert: str, tmp_path,
     assert s_full.meta == s_res.meta and s_full.client_base == s_res.client_base
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full.history]
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+    # the evaluation before round 1 is written once, by the first start, and kept by the resumed run
+    assert full.initial and resumed.initial == full.initial
+    assert json.loads((resumed.run_dir / "summary.json").read_text())["initial"] == full.initial

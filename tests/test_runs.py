@@ -345,6 +345,32 @@ def test_plot_uses_one_based_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
 
+def test_plot_starts_at_round_zero_with_an_initial_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.plot
+
+    def spy(self, x, y, *args, **kw):
+        drawn.append((kw.get("label"), list(x), list(y)))
+        return real(self, x, y, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    rd = RunDir(tmp_path)
+    rd.write_initial({"global_accuracy": 0.125, "global_loss": 2.5})
+    assert rd.read_initial() == {"global_accuracy": 0.125, "global_loss": 2.5}
+    for k in (1, 2):
+        rd.append_metrics({"round": k, "train_loss": 1.0 / k, "global_accuracy": 0.5, "global_loss": 1.0})
+    rd.plot()
+    by_label = {label: (x, y) for label, x, y in drawn}
+    assert by_label["global (held-out)"][0] == [0, 1, 2]
+    assert [y for _, _, y in drawn if y[0] == 0.125] == [[0.125, 0.5, 0.5]]
+    assert any(y == [2.5, 1.0, 1.0] for _, _, y in drawn)
+    assert by_label["train"][1][0] is None  # no training before round 1
+    rd.initial_path.write_text("{not json")
+    assert rd.read_initial() == {}  # informative only: a damaged file is ignored
+
+
 # ---------------------------------------------------------------------------------------------- atomic files
 def test_files_are_replaced_atomically(tmp_path: Path) -> None:
     rd = RunDir.reserve(tmp_path, "r", "x")

@@ -33,7 +33,7 @@ from fedlora.federation import (
     run_federation,
     start_state,
 )
-from fedlora.methods import FedMethod, MethodContext, build_method, derive_seed
+from fedlora.methods import FedMethod, MethodContext, ServerState, build_method, derive_seed
 from fedlora.models.loading import ModelError, add_named_adapter, check_tokenizer
 from fedlora.privacy.user_level import UserLevelDP
 from fedlora.runs import RunDir
@@ -59,6 +59,8 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None
     """Why the run ended before ``config.rounds`` (its privacy budget was spent), or None."""
+    initial: dict[str, Any] = field(default_factory=dict)
+    """The metrics before the first round (``eval_initial``; empty when off)."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -403,6 +405,10 @@ def _execute(
         )
     if resuming:
         run_dir.write_config(cfg.to_dict())  # an extended run stays extended when resumed again
+    if cfg.eval_initial and server.round == 0 and not run_dir.initial_path.is_file():
+        initial = evaluate_initial(engine, server, personal=runtime is engine)
+        run_dir.write_initial(initial)
+        progress.initial(initial)
     schedule = schedule_of(cfg)
     privacy = privacy_of(cfg)
     if privacy is not None:
@@ -430,7 +436,10 @@ def _execute(
     _save_final(run_dir, setup, server, engine, personal=runtime is engine)
     history = run_dir.read_metrics()
     stopped = budget_stop(privacy, schedule, server.round) if server.round < cfg.rounds else None
+    initial = run_dir.read_initial()
     summary: dict[str, Any] = {"rounds": cfg.rounds, "method": cfg.method, "final": history[-1] if history else {}}
+    if initial:
+        summary["initial"] = initial
     if privacy is not None:
         summary["privacy"] = {
             "dp_clip": privacy.clip,
@@ -445,8 +454,25 @@ def _execute(
         summary["rounds_done"], summary["stopped"] = server.round, stopped
     run_dir.write_summary(summary)
     return RunResult(
-        run_dir.path, cfg, server.adapter, server.base_delta, runtime.client_states(), history, stopped=stopped
+        run_dir.path,
+        cfg,
+        server.adapter,
+        server.base_delta,
+        runtime.client_states(),
+        history,
+        stopped=stopped,
+        initial=initial,
     )
+
+
+def evaluate_initial(engine: LocalEngine, server: ServerState, *, personal: bool = True) -> dict[str, float]:
+    """The metrics of the model before the first round (``server`` fresh from ``init_server``): the global model
+    on the global test split, and with ``personal`` (the clients' data is on this machine) each client's starting
+    model on its own test split, named as a round's metrics are."""
+    metrics = engine.evaluate_global(server)
+    if personal and engine.method.has_personal_state:
+        metrics.update(engine.evaluate_personal(server))
+    return metrics
 
 
 def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine, *, personal: bool = True) -> None:
@@ -554,6 +580,13 @@ class _Progress(LoopHooks):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(train_loss=f"{sum(self.losses) / len(self.losses):.4f}")
+
+    def initial(self, metrics: dict[str, float]) -> None:
+        """The model before the first round: its headline metrics and losses, one line."""
+        keys = [k for k in ("global_loss", "personal_loss", *headline_keys(self.cfg.task)) if k in metrics]
+        if keys:
+            shown = ", ".join(f"{k.replace('_accuracy', '_acc')}={metrics[k]:.4f}" for k in keys)
+            log.info("before training: %s", shown)
 
     def end_round(self, report: RoundReport) -> None:
         shown = {"train_loss": f"{report.train_loss:.4f}"}

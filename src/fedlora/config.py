@@ -192,6 +192,12 @@ class RunConfig:
     )
     batch_size: int = _opt(16, "local training batch size", int, minimum=1)
     eval_batch_size: int = _opt(128, "evaluation batch size", int, minimum=1)
+    eval_initial: bool = _opt(
+        True,
+        "evaluate the model before the first round (the base model with the initial adapter): initial.json, "
+        "summary.json's 'initial', round 0 of metrics.png",
+        bool,
+    )
     optimizer: str = _opt(
         "adamw", "local optimiser (state is reset every round, as in the papers' code)", str, choices=("adamw", "sgd")
     )

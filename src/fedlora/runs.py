@@ -665,12 +665,31 @@ class RunDir:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         _atomic_write(self.path / "summary.json", _json_text(summary))
 
+    @property
+    def initial_path(self) -> Path:
+        return self.path / "initial.json"
+
+    def write_initial(self, metrics: Mapping[str, Any]) -> None:
+        """The metrics of the model before the first round (``initial.json``, written once, atomically)."""
+        _atomic_write(self.initial_path, _json_text(dict(metrics)))
+
+    def read_initial(self) -> dict[str, Any]:
+        """``initial.json`` (empty when the run has none, or when it is unreadable: it is informative only)."""
+        try:
+            data = json.loads(self.initial_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def plot(self) -> Path | None:
         """``metrics.png``: the task's scores (accuracy; exact match, ROUGE-L; ...) and the losses per round
         (matplotlib, imported only here)."""
         records = [r for r in self.read_metrics() if "round" in r]
         if not records:
             return None
+        initial = self.read_initial()
+        if initial:  # round 0: the model before any training
+            records = [{**initial, "round": 0}, *records]
         import matplotlib
 
         matplotlib.use("Agg")
