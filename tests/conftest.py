@@ -61,6 +61,8 @@ def _build_tiny_bert(path) -> str:
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
         initializer_range=0.1,
+        hidden_dropout_prob=0.0,  # the frozen model's own dropout: ~20% of a test run's time, nothing to test
+        attention_probs_dropout_prob=0.0,
     )
     model = BertForSequenceClassification(cfg)
     src = default_model_dir()
@@ -83,7 +85,17 @@ def _build_tiny_gpt2(path) -> str:
     from fedlora.models import default_model_dir
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=30522,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     GPT2ForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(path)
     return str(path)
