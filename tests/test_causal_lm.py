@@ -633,3 +633,48 @@ def test_get_task_builds_from_config() -> None:
     task = get_task("causal-lm", RunConfig(task="causal-lm", eval_generations=3, system_prompt="S"))
     assert isinstance(task, CausalLM) and task.eval_generations == 3 and task.system_prompt == "S"
     assert task.extra_columns == {"response": "response"}
+
+
+def test_a_flower_node_holds_its_own_prompt_response_file(tiny_llama, tmp_path) -> None:
+    """``fedlora node --data`` with the causal-LM task: the node's client trains on the file's prompts and
+    responses (the response column travels with them); a file without the response column is refused by name."""
+    import json
+
+    pytest.importorskip("flwr")
+    from fedlora.api import resolve_config
+    from fedlora.data import DataError, load_client_file
+    from fedlora.flower.node import NodeSession
+
+    rows = [
+        {"prompt": f"Define the word w{i}.", "answer": f"gloss number {i}", "sense": LABELS[i % 2]} for i in range(12)
+    ]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = resolve_config(
+        _lm_config(
+            tiny_llama, tmp_path, clients=2, text_column="prompt", response_column="answer", label_column="sense"
+        )
+    )
+    session = NodeSession(cfg, data_file=str(path), client_id=1, labels=tuple(LABELS))
+    mine = load_client_file(
+        str(path),
+        client_id=1,
+        label_names=LABELS,
+        text_column="prompt",
+        label_column="sense",
+        client_test_fraction=cfg.client_test_fraction,
+        seed=cfg.seed,
+        extra_columns={"response": "answer"},
+    )
+    by_prompt = {r["prompt"]: r["answer"] for r in rows}
+    assert len(mine.train) + len(mine.test) == 12 and all(by_prompt[r["text"]] == r["response"] for r in mine.train)
+    assert session.hello(1)["num_examples"] == len(session.engine.clients[1].train) == len(mine.train)
+    with pytest.raises(DataError, match="response column 'reply'"):
+        load_client_file(
+            str(path),
+            client_id=1,
+            label_names=LABELS,
+            text_column="prompt",
+            label_column="sense",
+            extra_columns={"response": "reply"},
+        )

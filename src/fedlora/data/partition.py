@@ -700,12 +700,14 @@ def load_client_file(
     client_test_fraction: float = 0.2,
     seed: int = 0,
     min_client_examples: int = 2,
+    extra_columns: Mapping[str, str] | None = None,
 ) -> ClientData:
     """One client's own data from a local file (a node that holds its data itself, e.g. ``fedlora node --data``).
 
     The labels are encoded against ``label_names``, the run's label set (every client must encode them alike, and
     a node's file may hold only some of them); the rows are split into train and test like a partitioned client's
-    (stratified, ``client_test_fraction``, seeded by ``seed`` and ``client_id``).
+    (stratified, ``client_test_fraction``, seeded by ``seed`` and ``client_id``). ``extra_columns`` are carried
+    along as in :func:`prepare_federated_data` (the causal-LM task's response column).
 
     Raises:
         DataError: the file cannot be read, lacks the columns, holds labels outside ``label_names`` (named), or
@@ -713,8 +715,19 @@ def load_client_file(
     """
     check_columns(text_column, label_column)
     dataset = load_table(path, text_column=text_column, label_column=label_column)
-    table = dataset.select_columns([text_column, label_column]).with_format("arrow")[:]
+    extra = dict(extra_columns or {})
+    absent = [column for column in extra.values() if column not in dataset.column_names]
+    if absent:
+        roles = ", ".join(f"{name} column {column!r}" for name, column in extra.items() if column in absent)
+        raise DataError(
+            f"{path!r} has no {roles}. Available columns: {', '.join(map(repr, dataset.column_names))}. Choose "
+            "the right one (e.g. --response-column)."
+        )
+    wanted = [text_column, label_column, *(c for c in extra.values() if c not in (text_column, label_column))]
+    table = dataset.select_columns(list(dict.fromkeys(wanted))).with_format("arrow")[:]
     table = _drop_unusable_rows(table, text_column, label_column, path)
+    for name, column in extra.items():
+        table = _drop_blank_rows(table, column, name, path)
     column = table.column(label_column)
     if not pa.types.is_string(column.type):
         column = pc.cast(column, pa.string())
@@ -728,8 +741,20 @@ def load_client_file(
             "whose labels option lists them"
         )
     codes = np.array([index[v] for v in values], dtype=np.int64)
-    data = pa.table({"text": table.column(text_column), "label": pa.array(codes, type=pa.int64())})
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(index))})
+    data = pa.table(
+        {
+            "text": table.column(text_column),
+            "label": pa.array(codes, type=pa.int64()),
+            **{name: table.column(column) for name, column in extra.items()},
+        }
+    )
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(index)),
+            **{name: datasets.Value("string") for name in extra},
+        }
+    )
     rng = np.random.default_rng([seed, _STREAM_CLIENT, client_id])
     rows = np.arange(len(codes))
     train_rows, test_rows = _stratified_split(rows, codes, _client_test_size(len(rows), client_test_fraction), rng)

@@ -115,6 +115,7 @@ class NodeSession:
         data = None
         if data_file:
             from fedlora.data import FederatedData, load_client_file
+            from fedlora.tasks import get_task
 
             if client_id is None or not 0 <= client_id < self.config.clients:
                 raise ValueError(f"partition-id {client_id} is outside 0..{self.config.clients - 1}")
@@ -126,6 +127,7 @@ class NodeSession:
                 label_column=self.config.label_column,
                 client_test_fraction=self.config.client_test_fraction,
                 seed=self.config.seed,
+                extra_columns=get_task(self.config.task, self.config).extra_columns,
             )
             # every slot holds this node's data: the session only ever serves client_id (checked per message)
             data = FederatedData(clients=[mine] * self.config.clients, test=mine.test, label_names=list(labels))
