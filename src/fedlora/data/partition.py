@@ -196,14 +196,7 @@ def prepare_federated_data(
             f"Partition {partition!r} needs column {natural_column!r}, which {source!r} does not have. "
             f"Available columns: {', '.join(map(repr, dataset.column_names))}."
         )
-    extra = dict(extra_columns or {})
-    absent = [column for column in extra.values() if column not in dataset.column_names]
-    if absent:
-        roles = ", ".join(f"{name} column {column!r}" for name, column in extra.items() if column in absent)
-        raise DataError(
-            f"{source!r} has no {roles}. Available columns: {', '.join(map(repr, dataset.column_names))}. Choose "
-            "the right one (e.g. --response-column)."
-        )
+    extra = _extra_columns(dataset, extra_columns, source)
     label_feature = dataset.features[label_column]
     class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     wanted = [text_column, label_column]
@@ -371,6 +364,20 @@ def _drop_unusable_rows(table: pa.Table, text_column: str, label_column: str, so
             f"{source!r} has no rows with both a label in {label_column!r} and a non-blank text in {text_column!r}."
         )
     return kept
+
+
+def _extra_columns(dataset: datasets.Dataset, extra_columns: Mapping[str, str] | None, source: str) -> dict[str, str]:
+    """``extra_columns`` as a dict, after checking that ``dataset`` has every one of them (the error names each
+    missing column by its role and lists the columns there are)."""
+    extra = dict(extra_columns or {})
+    absent = [column for column in extra.values() if column not in dataset.column_names]
+    if absent:
+        roles = ", ".join(f"{name} column {column!r}" for name, column in extra.items() if column in absent)
+        raise DataError(
+            f"{source!r} has no {roles}. Available columns: {', '.join(map(repr, dataset.column_names))}. Choose "
+            "the right one (e.g. --response-column)."
+        )
+    return extra
 
 
 def _drop_blank_rows(table: pa.Table, column: str, role: str, source: str) -> pa.Table:
@@ -715,14 +722,7 @@ def load_client_file(
     """
     check_columns(text_column, label_column)
     dataset = load_table(path, text_column=text_column, label_column=label_column)
-    extra = dict(extra_columns or {})
-    absent = [column for column in extra.values() if column not in dataset.column_names]
-    if absent:
-        roles = ", ".join(f"{name} column {column!r}" for name, column in extra.items() if column in absent)
-        raise DataError(
-            f"{path!r} has no {roles}. Available columns: {', '.join(map(repr, dataset.column_names))}. Choose "
-            "the right one (e.g. --response-column)."
-        )
+    extra = _extra_columns(dataset, extra_columns, path)
     wanted = [text_column, label_column, *(c for c in extra.values() if c not in (text_column, label_column))]
     table = dataset.select_columns(list(dict.fromkeys(wanted))).with_format("arrow")[:]
     table = _drop_unusable_rows(table, text_column, label_column, path)
