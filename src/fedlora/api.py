@@ -583,7 +583,8 @@ class _Progress(LoopHooks):
 
     def initial(self, metrics: dict[str, float]) -> None:
         """The model before the first round: its headline metrics and losses, one line."""
-        keys = [k for k in ("global_loss", "personal_loss", *headline_keys(self.cfg.task)) if k in metrics]
+        wanted = dict.fromkeys(("global_loss", "personal_loss", *headline_keys(self.cfg.task)))
+        keys = [k for k in wanted if k in metrics]
         if keys:
             shown = ", ".join(f"{k.replace('_accuracy', '_acc')}={metrics[k]:.4f}" for k in keys)
             log.info("before training: %s", shown)
