@@ -116,6 +116,9 @@ def test_cli_method_detail_and_typed_method_options(capsys) -> None:
     assert main(["methods", "fedsa_lora"]) == 0
     out = capsys.readouterr().out
     assert "local_head (bool, default True)" in out and "arXiv:2410.01463" in out
+    assert "gate" not in out.split("options")[0]
+    assert main(["methods", "fedalt"]) == 0
+    assert "gate        a trained token-wise softmax over row, default" in capsys.readouterr().out
     assert main(["methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     import argparse

@@ -19,6 +19,7 @@ from fedlora.data import DEFAULT_LABELS  # noqa: E402
 from fedlora.flower.app import config_from_flower  # noqa: E402
 from fedlora.flower.inprocess import run_in_process  # noqa: E402
 from fedlora.flower.wire import ClientFailed, pack_plan, pack_reply, unpack_plan, unpack_reply  # noqa: E402
+from fedlora.methods import get_method_class  # noqa: E402
 from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, ModuleRank, Stage, TensorSpec  # noqa: E402
 
 
@@ -50,14 +51,15 @@ def _same_run(flower_dir, local_dir, *, adapter: bool = True) -> None:
         ("fedsa_lora", {}),  # personal state kept in the nodes' Context
         ("flexlora", {"client-ranks": "2,4"}),  # mixed ranks
         ("fedex_lora", {}),  # changes the frozen base weights on every node
+        ("fedalt", {}),  # personalised downloads, and a token-wise gate kept on the node, never sent
     ],
 )
 def test_the_flower_app_gives_the_local_engines_run_bit_for_bit(tiny_bert, tmp_path, method, extra):
     rc = _run_config(tiny_bert, tmp_path, "flower", method=method, **extra)
     run_in_process(rc, 3)
     local = api.run(RunConfig.from_dict({**rc, "run-name": "local", "progress": False}))
-    _same_run(tmp_path / "flower", local.run_dir, adapter=method != "fedsa_lora")
-    if method == "fedsa_lora":
+    _same_run(tmp_path / "flower", local.run_dir, adapter=get_method_class(method).has_global_model)
+    if method in ("fedsa_lora", "fedalt"):
         assert "personal_accuracy" in _metrics(tmp_path / "flower")[-1]
     if method == "fedex_lora":
         fb = load_file(tmp_path / "flower" / "base_delta.safetensors")

@@ -5,6 +5,7 @@ individual adapter, sketched ranks and scales)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from helpers import HEAD, random_state, tiny_config
 import fedlora.client.train as client_train
 from fedlora.adapters import LoraLayout, LoraModuleSpec
 from fedlora.api import build, resolve_config
-from fedlora.federation.round import run_round
-from fedlora.methods import ClientUpdate, ModuleRank, OptionError, TrainStats, build_method
+from fedlora.federation.round import run_round, validate_update
+from fedlora.methods import ClientUpdate, ModuleRank, OptionError, TrainStats, build_method, derive_seed
 from fedlora.methods.fedrot_lora import align_factors, procrustes_rotation
 from fedlora.methods.fslora import sketch_indices, sketch_matrix
 from fedlora.privacy import server_noise_refusal
@@ -168,30 +169,35 @@ def _alt_round(m, server, initial, kept, clients, gen, rnd=0, sizes=None):
 
 @pytest.mark.invariant("fedalt")
 def test_fedalt_rest_of_world_is_the_leave_one_out_mean(layout, gen) -> None:
-    """(a) A0^(k) = mean_{j≠k} A1^(j) (and B); (b) Σ_k A0^(k) = Σ_k A1^(k); the individual LoRA and heads never leave
-    the client except A1, B1; (d) what a client keeps is exactly what it trained; (c) the mix is (½, ½)."""
+    """(a) A0^(k) = mean_{j≠k} A1^(j) (and B); (b) Σ_k A0^(k) = Σ_k A1^(k); the individual LoRA, gate and heads never
+    leave the client except A1, B1; (d) what a client keeps is exactly what it trained, W_g included; the gate mixes
+    (both adapters at their full scale)."""
     m = build_method("fedalt", layout, num_clients=5)
     assert m.weighting == "uniform" and not m.has_global_model and m.has_personal_state
     initial = _alt_initial(m, layout, gen)
     server = m.init_server(initial)
     row_keys = set(m.extra_layouts["row"].lora_keys)
     assert row_keys and all(k.startswith(ROW) for k in row_keys)
+    gate_keys = set(m.gate_keys())
+    assert m.gate_adapters == ("row", "") and gate_keys == {"gate/enc.q.weight", "gate/enc.c_attn.weight"}
     plan = m.plan(0, 3, server)
     # round 0: every client receives the initial RoW adapter (B0 = 0: it contributes nothing)
     assert set(plan.download) == row_keys
     assert all(torch.equal(plan.download[k], initial[k]) for k in row_keys)
-    assert set(plan.upload) == set(layout.lora_keys)  # A1, B1 only; the head stays (local_head)
+    assert set(plan.upload) == set(layout.lora_keys)  # A1, B1 only; the head and W_g stay (local_head)
     (stage,) = plan.stages
-    assert stage.train_keys == frozenset(layout.all_keys) and not stage.train_keys & row_keys  # RoW frozen
-    assert dict(stage.adapter_weights) == {"": 0.5, "row": 0.5}  # (c) the gate at W_g = 0
-    assert dict(m.inference_weights(3)) == {"": 0.5, "row": 0.5}
+    assert stage.train_keys == frozenset(layout.all_keys) | gate_keys and not stage.train_keys & row_keys  # RoW frozen
+    assert dict(stage.adapter_weights) == {"": 1.0, "row": 1.0}  # the gate mixes; each adapter at its scale s
+    assert dict(m.inference_weights(3)) == {"": 1.0, "row": 1.0}
     kept: dict[int, dict] = {}
     clients = [0, 1, 2, 4]
     res, ups, trained_by = _alt_round(m, server, initial, kept, clients, gen, sizes=[10, 20, 30, 40])
     server = dataclasses.replace(server, round=1, tensors=res.tensors, adapter=res.adapter)
-    for k in clients:  # (d) kept = trained, bit for bit: A1, B1 and the head
-        assert set(kept[k]) == set(layout.all_keys)
-        assert all(torch.equal(kept[k][key], trained_by[k][key]) for key in layout.all_keys)
+    assert not any(k.startswith("gate/") for u in ups for k in u.state)  # the gate never travels
+    assert not any("gate/" in k for k in res.tensors) and not any("gate/" in k for k in res.adapter)
+    for k in clients:  # (d) kept = trained, bit for bit: A1, B1, W_g and the head
+        assert set(kept[k]) == set(layout.all_keys) | gate_keys
+        assert all(torch.equal(kept[k][key], trained_by[k][key]) for key in kept[k])
     k_ = len(clients)
     for key in layout.lora_keys:
         rk = "row/" + key
@@ -208,7 +214,7 @@ def test_fedalt_rest_of_world_is_the_leave_one_out_mean(layout, gen) -> None:
     assert all(torch.equal(res.adapter[key], server.adapter[key]) for key in layout.all_keys)
     plan = m.plan(1, 2, server)
     start = m.start_state(plan, initial, kept[2])
-    assert all(torch.equal(start[key], kept[2][key]) for key in layout.all_keys)
+    assert all(torch.equal(start[key], kept[2][key]) for key in kept[2])  # its gate too: kept across rounds
     assert all(torch.equal(start[key], plan.download[key]) for key in row_keys)
     # data-size weighting renormalises over the others
     sized = build_method("fedalt", layout, num_clients=5, weighting="num_examples", max_weight_ratio=None)
@@ -236,7 +242,8 @@ def test_fedalt_lone_reply_shared_heads_and_options(layout, gen) -> None:
     shared = build_method("fedalt", layout, num_clients=3, options={"local_head": "false"})
     srv = shared.init_server(initial)
     plan = shared.plan(0, 0, srv)
-    assert HEAD in plan.download and HEAD in plan.upload and set(shared.personal_keys()) == set(layout.lora_keys)
+    assert HEAD in plan.download and HEAD in plan.upload
+    assert set(shared.personal_keys()) == set(layout.lora_keys) | set(shared.gate_keys())
     res, ups, _ = _alt_round(shared, srv, initial, {}, [0, 1, 2], gen)
     torch.testing.assert_close(res.adapter[HEAD], sum(u.state[HEAD] for u in ups) / 3)
     # per_client individual init: seeded by (run seed, client), B1 = 0; a client that trained resumes its own
@@ -246,10 +253,28 @@ def test_fedalt_lone_reply_shared_heads_and_options(layout, gen) -> None:
     assert not torch.equal(starts[0][spec.a_key], starts[1][spec.a_key])
     assert torch.count_nonzero(starts[0][spec.b_key]) == 0
     assert torch.equal(per.start_state(per.plan(3, 0, srv), initial, None)[spec.a_key], starts[0][spec.a_key])
+    # a client's first gate: drawn from (run seed, client) like nn.Linear's weight (|w| <= 1/sqrt(n)), the same after a
+    # restart (a new method object), another for another client; float32 when the initial state has none
+    gates = [per.start_state(per.plan(0, k, srv), initial, None) for k in (0, 0, 1)]
+    again = build_method("fedalt", layout, num_clients=3, seed=5).start_state(per.plan(0, 0, srv), initial, None)
+    for spec in layout.modules:
+        gk = "gate/" + spec.name + ".weight"
+        assert gates[0][gk].shape == (2, spec.in_features) and gates[0][gk].dtype == torch.float32
+        assert float(gates[0][gk].abs().max()) <= spec.in_features**-0.5 and torch.count_nonzero(gates[0][gk]) > 0
+        assert torch.equal(gates[0][gk], gates[1][gk]) and torch.equal(gates[0][gk], again[gk])
+        assert not torch.equal(gates[0][gk], gates[2][gk])
+    # mix=fixed: no gate, the adapters weighted (w, 1 - w); individual_weight belongs to it
+    with pytest.raises(OptionError, match="individual_weight=0.8 applies to mix=fixed only"):
+        build_method("fedalt", layout, options={"individual_weight": 0.8})
     with pytest.raises(OptionError, match="individual_weight=0.0 must be > 0"):
-        build_method("fedalt", layout, options={"individual_weight": 0})
-    w = build_method("fedalt", layout, options={"individual_weight": 0.8})
-    assert dict(w.plan(0, 0, w.init_server(initial)).stages[0].adapter_weights) == pytest.approx({"": 0.8, "row": 0.2})
+        build_method("fedalt", layout, options={"mix": "fixed", "individual_weight": 0})
+    w = build_method("fedalt", layout, options={"mix": "fixed", "individual_weight": 0.8})
+    wplan = w.plan(0, 0, w.init_server(initial))
+    assert dict(wplan.stages[0].adapter_weights) == pytest.approx({"": 0.8, "row": 0.2})
+    assert w.gate_adapters == () and w.gate_keys() == () and wplan.stages[0].train_keys == frozenset(layout.all_keys)
+    assert set(w.personal_keys()) == set(layout.all_keys) and dict(w.inference_weights(0)) == pytest.approx(
+        {"": 0.8, "row": 0.2}
+    )
     # server-side DP noise and secure aggregation hand the method one mean: FedALT needs each upload
     assert "OTHER clients" in server_noise_refusal(type(m))
 
@@ -410,15 +435,18 @@ def test_fslora_on_a_real_model_trains_the_sketch_at_its_scale(tiny_bert: str, t
 # ------------------------------------------------------------------------------------------------ FedALT, real model
 @pytest.mark.invariant("fedalt")
 def test_fedalt_on_a_real_model_freezes_the_row_and_keeps_the_individual(tiny_bert: str, tmp_path, monkeypatch):
-    """(c) training runs with both adapters active at s/2 each; (d) A0, B0 get no gradient (bit-identical to the
-    download after training) and what each client keeps is bit-identical to what it trained, whatever the server
-    does next; the RoW each client gets next round leaves its own upload out."""
+    """Training runs with both adapters active at their full scale s (the gate mixes); (d) A0, B0 get no gradient
+    (bit-identical to the download after training), W_g trains, and what each client keeps (A1, B1, W_g, head) is
+    bit-identical to what it trained, whatever the server does next: the next round starts from it; W_g never
+    travels (an upload carrying it is refused); the RoW each client gets next round leaves its own upload out."""
     cfg = tiny_config(tiny_bert, tmp_path, method="fedalt", clients=3, rounds=2, max_examples_per_label=10)
     setup = build(resolve_config(cfg))
     engine, method, layout = setup.engine, setup.method, setup.layout
     slots = engine.slots
     row_keys = set(method.extra_layouts["row"].lora_keys)
-    own_keys = set(layout.all_keys)
+    gate_keys = set(method.gate_keys())
+    own_keys = set(layout.all_keys) | gate_keys
+    assert gate_keys and gate_keys <= set(slots.params) and not gate_keys & set(layout.all_keys)
     spec = layout.modules[0]
     layer, _ = slots.layers[spec.name]
     s = spec.scaling()
@@ -436,6 +464,11 @@ def test_fedalt_on_a_real_model_freezes_the_row_and_keeps_the_individual(tiny_be
     monkeypatch.setattr(client_train, "train_local", spy)
     server = method.init_server(engine.initial)
     server, _ = run_round(0, method, server, engine, clients=[0, 1, 2])
+    for cid, ps in enumerate(passes):  # a client's first gate: its own draw from (run seed, client)
+        first = method.fresh_gates(derive_seed(cfg.seed, "fedalt.gate", cid))
+        assert all(torch.equal(ps["before"][k], first[k]) for k in gate_keys)
+    assert not torch.equal(passes[0]["before"][min(gate_keys)], passes[1]["before"][min(gate_keys)])
+    after_round_0 = {cid: dict(engine.personal[cid]) for cid in range(3)}
     passes.clear()
     replies = []
     original_train = engine.train
@@ -451,15 +484,149 @@ def test_fedalt_on_a_real_model_freezes_the_row_and_keeps_the_individual(tiny_be
     assert report.accepted == [0, 1, 2] and len(passes) == 3
     for cid, ps in enumerate(passes):
         assert ps["trainable"] == own_keys and ps["active"] == ["default", "row"]
-        assert ps["scaling"]["default"] == pytest.approx(s / 2) and ps["scaling"]["row"] == pytest.approx(s / 2)
+        assert ps["scaling"]["default"] == pytest.approx(s) and ps["scaling"]["row"] == pytest.approx(s)
         for k in row_keys:  # frozen RoW: the client trained on exactly what it was sent, and it did not move
             assert torch.equal(ps["before"][k], sent[cid][k]) and torch.equal(ps["after"][k], sent[cid][k])
         assert any(torch.count_nonzero(sent[cid][k]) > 0 for k in row_keys if "lora_B" in k)  # a real RoW
-        for k in own_keys:  # kept: bit-identical to what training produced, after the server's step too
+        for k in own_keys:  # round 1 starts from what round 0 left (W_g too), and keeps what it trained
+            assert torch.equal(ps["before"][k], after_round_0[cid][k]), k
             assert torch.equal(engine.personal[cid][k], ps["after"][k])
-        assert set(replies[cid].state) == set(layout.lora_keys)
+        assert all(not torch.equal(ps["after"][k], ps["before"][k]) for k in gate_keys)  # W_g trained
+        assert set(replies[cid].state) == set(layout.lora_keys)  # no gate in the upload
+    assert not any("gate/" in k for k in server.tensors) and not any("gate/" in k for k in server.adapter)
+    # an upload that carries the gate is refused, naming it
+    plan = method.plan(2, 0, server)
+    up = {k: v.clone() for k, v in engine.personal[0].items() if k in plan.upload or k in gate_keys}
+    reason = validate_update(ClientUpdate(0, up, num_examples=10, samples_seen=10, ranks=plan.ranks), plan)
+    assert reason is not None and "gate/" in reason, reason
     for cid in range(3):
         row = method.plan(2, cid, server).download
         for key in layout.lora_keys:
             others = [replies[j].state[key] for j in range(3) if j != cid]
             torch.testing.assert_close(row["row/" + key], (others[0] + others[1]) / 2)
+
+
+class _LinearAndConv1D(torch.nn.Module):
+    """Two non-square modules (5 in, 7 out): an ``nn.Linear`` and a GPT-2 ``Conv1D`` (its weight stored (in, out))."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 7)
+        self.conv = Conv1D(7, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.conv(x)
+
+
+@pytest.mark.invariant("fedalt")
+def test_fedalt_gate_is_a_per_token_softmax_over_the_two_adapters(gen) -> None:
+    """(c) on hand-built tensors: with W_g = 0 a gated layer gives W0 x + (s/2)(B0 A0 + B1 A1) x; with any W_g it gives
+    W0 x + s·Σ_i g_i(x) B_i A_i x, g(x) = softmax(W_g x) over the two adapters for each token (i = 0 the RoW), for an
+    nn.Linear and a Conv1D layer. The gate is no peft key (neither adapter's state dict holds it)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from fedlora.adapters.peft_io import AdapterSlots, install_token_gates
+    from fedlora.models.loading import add_named_adapter
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft sets fan_in_fan_out per layer type, and says so
+        model = get_peft_model(_LinearAndConv1D(), LoraConfig(target_modules=["lin", "conv"], r=2, lora_alpha=4))
+    add_named_adapter(model, "row", seed=1)
+    install_token_gates(model, ["row", "default"], seed=2)
+    with pytest.raises(ValueError, match="already has token gates"):
+        install_token_gates(model, ["row", "default"], seed=2)
+    layout = LoraLayout.from_peft_model(model)
+    assert layout.other_keys == ()  # the gate is not mistaken for a head
+    for adapter in ("default", "row"):
+        assert not any("gate" in k for k in get_peft_model_state_dict(model, adapter_name=adapter))
+    slots = AdapterSlots(model, ("default", "row"))
+    assert set(slots.params) == set(layout.lora_keys) | {"row/" + k for k in layout.lora_keys} | set(layout.gate_keys)
+    slots.set_scales(None, {"": 1.0, "row": 1.0})
+    x = torch.randn(2, 3, 5, generator=gen)  # 2 sequences of 3 tokens
+    base = model.base_model.model
+    w0 = {"lin": base.lin.base_layer.weight.T, "conv": base.conv.base_layer.weight}  # x @ w0: (in, out) layout
+    bias = {"lin": base.lin.base_layer.bias, "conv": base.conv.base_layer.bias}
+    s = 4 / 2
+    for zero_gate in (True, False):
+        state = {}
+        for spec in layout.modules:
+            for ns in ("", "row/"):
+                state[ns + spec.a_key] = torch.randn(2, 5, generator=gen)
+                state[ns + spec.b_key] = torch.randn(7, 2, generator=gen)
+            state["gate/" + spec.name + ".weight"] = (0 if zero_gate else 3) * torch.randn(2, 5, generator=gen)
+        slots.load(state)
+        with torch.no_grad():
+            outs = dict(zip(("lin", "conv"), model(x), strict=True))
+        for spec in layout.modules:
+            short = spec.name.rsplit(".", 1)[1]
+            a1, b1 = state[spec.a_key], state[spec.b_key]
+            a0, b0 = state["row/" + spec.a_key], state["row/" + spec.b_key]
+            plain = x @ w0[short] + bias[short]
+            if zero_gate:
+                want = plain + (s / 2) * (x @ (b0 @ a0 + b1 @ a1).T)
+            else:
+                g = torch.softmax(x @ state["gate/" + spec.name + ".weight"].T, dim=-1)  # (2, 3, 2): per token
+                assert float((g[..., 0] - g[..., 0].mean()).abs().max()) > 0.05  # the mix does vary by token
+                want = plain + s * (g[..., :1] * (x @ (b0 @ a0).T) + g[..., 1:] * (x @ (b1 @ a1).T))
+            torch.testing.assert_close(outs[short], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fedalt_personal_model_loads_with_its_gate(tiny_bert: str, tmp_path) -> None:
+    """A finished run's ``personal/client-K`` (two peft adapters + token_gate.safetensors) loads through
+    ``load_trained`` into the model the engine evaluated for client K (its logits); without the gate file it is
+    another model. ``fedlora export`` refuses a gated model; a gate of the wrong shape, in the saved file or in a
+    client's state, is refused by name."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fedlora import load_trained, run
+    from fedlora.adapters.peft_io import GATE_FILE
+    from fedlora.export import ExportError, attach_adapters, build_base, export, open_trained
+    from fedlora.runs import RunDir, RunDirError
+
+    cfg = tiny_config(tiny_bert, tmp_path, method="fedalt", clients=2, rounds=1, max_examples_per_label=10)
+    result = run(cfg.replace(run_name="alt", local_epochs=1))
+    texts = ["a domesticated carnivorous mammal kept as a pet", "the first light of day"]
+    server, clients, weights = RunDir(result.run_dir).load_latest()
+    setup = build(resolve_config(cfg))
+    setup.engine.restore(server, clients, weights)
+    batch = setup.tokenizer(texts, padding=True, return_tensors="pt")
+
+    def logits(model) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    for cid in range(2):
+        assert (result.run_dir / f"personal/client-{cid}" / GATE_FILE).is_file()
+        setup.engine.load_client_model(cid, server)
+        want = logits(setup.model)
+        ours, _ = load_trained(result.run_dir, client=cid)
+        torch.testing.assert_close(logits(ours), want, rtol=1e-5, atol=1e-5)
+    trained = open_trained(result.run_dir, client=1)
+    assert trained.token_gate == ("row", "default")
+    no_gate = attach_adapters(build_base(trained), dataclasses.replace(trained, token_gate=()))
+    assert float((logits(no_gate) - want).abs().max()) > 1e-3  # the peft adapters alone are not the client's model
+    with pytest.raises(ExportError, match="gate"):
+        export(result.run_dir, tmp_path / "out", client=1)
+    # a gate of the wrong shape: in the saved file, and in a client's (checkpointed) state
+    path = result.run_dir / "personal/client-1" / GATE_FILE
+    saved = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    name = sorted(saved)[0]
+    save_file({**saved, name: torch.zeros(3, saved[name].shape[1])}, str(path), metadata=meta)
+    with pytest.raises(RunDirError, match=re.escape(f"{name} has shape (3, ")):
+        load_trained(result.run_dir, client=1)
+    path.unlink()
+    with pytest.raises(RunDirError, match=GATE_FILE):
+        load_trained(result.run_dir, client=1)
+    key = "gate/" + name + ".weight"
+    setup.engine.restore(server, {1: {**clients[1], key: torch.zeros(3, saved[name].shape[1])}}, weights)
+    with pytest.raises(ValueError, match=key):
+        setup.engine.load_client_model(1, server)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlora.adapters.peft_io import linear_base_weights
+from fedlora.adapters.peft_io import install_token_gates, linear_base_weights, save_token_gates
 from fedlora.adapters.state import AdapterState, LoraLayout
 from fedlora.client.train import TrainSettings
 from fedlora.config import ConfigError, RunConfig, default_threads
@@ -262,6 +262,9 @@ def build(cfg: RunConfig, on_client_done: Callable | None = None, *, data: Feder
     method = build_method(cfg.method, ctx, options=cfg.method_options)
     for ns in method.extra_adapters:
         add_named_adapter(model, ns, seed=derive_seed(cfg.seed, "adapter", ns))
+    if method.gate_adapters:  # after the last adapter: a token-wise gate over them (the method draws each client's)
+        gated = [ns or "default" for ns in method.gate_adapters]
+        install_token_gates(model, gated, seed=derive_seed(cfg.seed, "token_gate"))
 
     def enc(ds: Any) -> Any:
         return task.encode(tokenizer, ds, cfg.max_length)
@@ -477,7 +480,7 @@ def evaluate_initial(engine: LocalEngine, server: ServerState, *, personal: bool
 
 def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine, *, personal: bool = True) -> None:
     """The global adapter, and each client's own adapters (all of its named adapters, when ``personal``: the
-    server holds them), in peft's format.
+    server holds them), in peft's format, with its token-wise gate (``token_gate.safetensors``) when the method has one.
 
     Each directory is written under a hidden name and renamed into place when complete; its adapter configs name
     the real base model (hub id, or a local directory's absolute path) and ``labels.json`` lists the label names.
@@ -503,6 +506,7 @@ def _save_final(run_dir: RunDir, setup: Setup, server: Any, engine: LocalEngine,
                 engine.load_client_model(cid, server)
                 target = root / f"client-{cid}"
                 setup.model.save_pretrained(str(target), selected_adapters=["default", *extra])
+                save_token_gates(setup.model, target)  # peft does not save a gate: token_gate.safetensors
                 _write_client_scales(target, engine, extra)
                 describe_saved_adapter(target, setup.config.model, labels)
         finally:

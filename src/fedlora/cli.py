@@ -113,6 +113,9 @@ def _method_detail(cls: type) -> int:
     print(f"  {'traits':<11} {', '.join(flags) or '-'}")
     if cls.extra_adapters:
         print(f"  {'adapters':<11} default + {', '.join(cls.extra_adapters)}")
+    if cls.token_gate:
+        mixed = ", ".join(ns or "default" for ns in cls.token_gate)
+        print(f"  {'gate':<11} a trained token-wise softmax over {mixed} per module (kept by each client)")
     opts = describe_options(cls)
     print("\noptions (--method-option KEY=VALUE):" if opts else "\noptions: none")
     for o in opts:

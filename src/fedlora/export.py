@@ -1,19 +1,21 @@
 """A run's trained model, usable anywhere: label names, the real base model's name, ``fedlora export``.
 
 What a run directory holds is not always a model peft can rebuild alone: FedEx-LoRA and FLoRA change the frozen
-base weights (``base_delta.safetensors``), FedDPA's client models are two adapters used together, and FedSA-LoRA
+base weights (``base_delta.safetensors``), FedDPA's client models are two adapters used together, FedALT's mix two
+adapters per token through a trained gate (``token_gate.safetensors``, which peft does not read), and FedSA-LoRA
 has no global adapter at all. This module
 
 * checks which trained model of a run is asked for and whether the run finished it (:func:`open_trained`);
 * builds it: the base model (the run's ``config.json`` names it, so the embedded default model loads offline), plus
-  the base-weight change, plus the adapter(s), with the run's label names in the model config
-  (:func:`build_base`, :func:`attach_adapters`; ``fedlora.load_trained`` is these two);
+  the base-weight change, plus the adapter(s) and their token-wise gate, with the run's label names in the model
+  config (:func:`build_base`, :func:`attach_adapters`; ``fedlora.load_trained`` is these two);
 * describes each saved adapter directory so that it makes sense on another machine: ``base_model_name_or_path``
   names the real base model (:func:`public_model_name`) and ``labels.json`` lists the label names
   (:func:`describe_saved_adapter`);
 * writes an export (:func:`export`): either one merged ``transformers`` model directory, or (``merged=False``)
   ``OUT/base`` (the base weights with the base-weight change, a plain ``transformers`` model) and ``OUT/adapter``
-  (one plain peft adapter whose config points at ``OUT/base``).
+  (one plain peft adapter whose config points at ``OUT/base``). A model with a token-wise gate has neither form:
+  its mix depends on each token, so it is refused (``fedlora.load_trained`` builds it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fedlora.adapters.peft_io import GATE_FILE
 from fedlora.config import ConfigError, RunConfig
 from fedlora.runs import RunDirError
 
@@ -82,6 +85,8 @@ class TrainedModel:
     labels: list[str]
     named_adapters: tuple[str, ...]
     """Sub-adapters used together with the default one (e.g. FedDPA's ``local``), in load order."""
+    token_gate: tuple[str, ...] = ()
+    """The peft adapters a token-wise gate mixes (FedALT's), saved in ``token_gate.safetensors``; empty: no gate."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -90,6 +95,10 @@ class TrainedModel:
     @property
     def base_delta_file(self) -> Path:
         return self.run_dir / "base_delta.safetensors"
+
+    @property
+    def gate_file(self) -> Path:
+        return self.adapter_dir / GATE_FILE
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -134,7 +143,7 @@ def open_trained(
     """Check that ``run_dir`` is a finished run holding the trained model ``adapter`` (``"adapter"``, the global
     model, or ``"personal/client-K"``; ``client=K`` is the same as the latter). RunDirError saying what is wrong
     (and what to ask for instead) otherwise. Reads only small JSON files."""
-    from fedlora.methods import get_method_class
+    from fedlora.methods import OptionError, get_method_class, parse_options
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -174,17 +183,28 @@ def open_trained(
     else:
         raise RunDirError(f"adapter {adapter!r} is not a model of this run; choose {_choices(config, cls)}")
 
-    _check_finished(path, config, name, cls.extra_adapters if match else ())
+    try:
+        gate = cls.gate_of(parse_options(cls, config.method_options)) if match else ()
+    except OptionError as e:
+        raise RunDirError(f"{config_path}: {e}") from None
+    _check_finished(path, config, name, cls.extra_adapters if match else (), gated=bool(gate))
     info = _read_json(path / "data.json", "the run's label names")
     labels = info.get("labels") if isinstance(info, dict) else None
     if not isinstance(labels, list) or not labels:
         raise RunDirError(f"{path / 'data.json'} has no 'labels' list")
     return TrainedModel(
-        path, config, name, [str(x) for x in labels], tuple(sorted(cls.extra_adapters if match else ()))
+        path,
+        config,
+        name,
+        [str(x) for x in labels],
+        tuple(sorted(cls.extra_adapters if match else ())),
+        tuple(ns or "default" for ns in gate),
     )
 
 
-def _check_finished(path: Path, config: RunConfig, adapter: str, named: tuple[str, ...]) -> None:
+def _check_finished(
+    path: Path, config: RunConfig, adapter: str, named: tuple[str, ...], *, gated: bool = False
+) -> None:
     """The run's final adapters are written (after its last round) before ``summary.json``; a run that is still
     going, was killed, or was extended (``--resume --rounds N``) and not finished has no summary of its rounds."""
     resume = f"`fedlora run --resume {path}` finishes it"
@@ -208,6 +228,8 @@ def _check_finished(path: Path, config: RunConfig, adapter: str, named: tuple[st
                 raise RunDirError(
                     f"the run in {path} has no finished {adapter}/ ({target / file} is missing); {resume}"
                 )
+    if gated and not (path / adapter / GATE_FILE).is_file():
+        raise RunDirError(f"the run in {path} has no finished {adapter}/ ({path / adapter / GATE_FILE} is missing)")
 
 
 # ---------------------------------------------------------------------------------------------- building it
@@ -261,8 +283,11 @@ def build_base(trained: TrainedModel) -> torch.nn.Module:
 
 
 def attach_adapters(base: torch.nn.Module, trained: TrainedModel) -> torch.nn.Module:
-    """Wrap ``base`` with the trained adapter (and its named sub-adapters, all active with their saved scales)."""
+    """Wrap ``base`` with the trained adapter (and its named sub-adapters, all active with their saved scales), and
+    install the model's token-wise gate when it has one (``token_gate.safetensors``: plain ``PeftModel`` does not)."""
     from peft import PeftModel
+
+    from fedlora.adapters.peft_io import load_token_gates
 
     model = PeftModel.from_pretrained(base, str(trained.adapter_dir))
     if trained.named_adapters:
@@ -273,6 +298,13 @@ def attach_adapters(base: torch.nn.Module, trained: TrainedModel) -> torch.nn.Mo
         for module in model.modules():
             if isinstance(module, LoraLayer):  # peft's per-layer switch: the model-level one takes one adapter
                 module.set_adapter(["default", *trained.named_adapters])
+    if trained.token_gate:
+        try:
+            gates = load_token_gates(model, trained.gate_file)
+        except ValueError as e:
+            raise RunDirError(str(e)) from None
+        if gates.adapters != trained.token_gate:
+            raise RunDirError(f"{trained.gate_file} gates {list(gates.adapters)}, the run {list(trained.token_gate)}")
     model.eval()
     return model
 
@@ -406,6 +438,12 @@ def export(
     from fedlora.models import load_tokenizer
 
     trained = open_trained(run_dir, adapter, client=client)
+    if trained.token_gate:
+        raise ExportError(
+            f"{trained.adapter} of method {trained.config.method!r} mixes its adapters per token through a trained "
+            "gate (token_gate.safetensors): that is neither a merged model nor one peft adapter. Load it with "
+            f"fedlora.load_trained({str(trained.run_dir)!r}, adapter={trained.adapter!r})"
+        )
     out_path = Path(os.path.abspath(Path(out).expanduser()))
     _check_out(out_path)
     try:

@@ -8,8 +8,10 @@ weights (FedEx-LoRA's residual, FLoRA's merge) also lives here, with the Conv1D 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,6 +20,8 @@ from fedlora.adapters.state import (
     LORA_B_SUFFIX,
     AdapterState,
     LoraLayout,
+    fresh_gate,
+    gate_key,
     namespaced,
     slice_to_rank,
     to_base_layout,
@@ -37,7 +41,8 @@ class AdapterSlots:
     layer is held at the global rank; :meth:`load` zero-pads a client's lower-rank factors and :meth:`read` cuts
     them back (zero rows of A with zero columns of B add exactly nothing and get zero gradients), and
     :meth:`set_scales` gives each layer the client's own scale, so a client of rank ``r_k`` trains exactly a
-    rank-``r_k`` LoRA on the one shared base model.
+    rank-``r_k`` LoRA on the one shared base model. A model with token-wise gates (:func:`install_token_gates`)
+    also exposes each module's mixer under ``gate/<module name>.weight`` (:func:`fedlora.adapters.state.gate_key`).
     """
 
     def __init__(self, model: torch.nn.Module, adapters: Iterable[str] = ("default",)) -> None:
@@ -65,6 +70,9 @@ class AdapterSlots:
             for name, layer in layers:
                 if adapter in layer.lora_A:
                     self.layers[namespaced(ns, name)] = (layer, adapter)
+        self.gates = find_token_gates(model)
+        if self.gates is not None:
+            self.params.update({gate_key(name): w for name, w in self.gates.weights().items()})
         self.model = model
         self.default_scales = {n: float(layer.scaling[a]) for n, (layer, a) in self.layers.items()}
         self._scales = dict(self.default_scales)
@@ -153,6 +161,138 @@ class AdapterSlots:
     def reset_scales(self) -> None:
         """peft's own scales, default adapter only."""
         self.set_scales(self.default_scales, None)
+
+
+# ---------------------------------------------------------------------------------------------- token-wise gate
+GATE_FILE = "token_gate.safetensors"
+"""A saved model's gates, next to its adapters: one ``(K, in)`` tensor per module name, the gated peft adapter
+names (in gate order) in the file's metadata. peft does not read it: :func:`load_token_gates` does."""
+_GATE_FORMAT = "fedlora-token-gate/1"
+
+
+class _GatedDropout(torch.nn.Module):
+    """peft's dropout of one adapter in one LoRA layer, times that adapter's share of the layer's token-wise gate.
+
+    peft adds ``lora_B(lora_A(dropout(x))) * s`` per active adapter, ``x`` being the layer's input. The gate's share
+    ``g_i(x)`` is one number per token, so ``g_i(x)·B A dropout(x) = B A (g_i(x)·dropout(x))``: scaling the
+    dropout's output gives ``y = W0 x + Σ_i s_i g_i(x) B_i A_i dropout(x)`` with ``g(x) = softmax(W_g x)`` over the
+    gated adapters (logits from the undropped input). The mixer is referenced, not registered here (it belongs to
+    :class:`TokenGates`), so it is one entry of the model's state dict and lies outside every peft adapter.
+    """
+
+    def __init__(self, dropout: torch.nn.Module, mixer: torch.nn.Linear, index: int) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.index = index
+        object.__setattr__(self, "mixer", mixer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixer: torch.nn.Linear = self.__dict__["mixer"]
+        logits = mixer(x.to(mixer.weight.dtype))
+        share = torch.softmax(logits.float(), dim=-1)[..., self.index : self.index + 1]
+        return self.dropout(x) * share.to(x.dtype)
+
+
+class TokenGates(torch.nn.Module):
+    """A peft model's token-wise gates: per LoRA layer (``names``) a mixer ``W_g`` (``K × in_features``, no bias)
+    whose softmax over the ``K`` gated ``adapters`` (peft adapter names, in gate order) weighs each token's LoRA
+    terms. Registered on the model as ``token_gates`` (outside peft's adapters: ``save_pretrained`` ignores it)."""
+
+    def __init__(self, modules: Sequence[tuple[str, int]], adapters: Sequence[str]) -> None:
+        super().__init__()
+        self.names = tuple(name for name, _ in modules)
+        self.adapters = tuple(adapters)
+        self.mixers = torch.nn.ModuleList(
+            torch.nn.utils.skip_init(torch.nn.Linear, n, len(self.adapters), bias=False) for _, n in modules
+        )
+
+    def weights(self) -> dict[str, torch.nn.Parameter]:
+        """Each mixer's weight by module name."""
+        return {name: mixer.weight for name, mixer in zip(self.names, self.mixers, strict=True)}
+
+
+def find_token_gates(model: torch.nn.Module) -> TokenGates | None:
+    """The model's :class:`TokenGates`, or None."""
+    return next((m for m in model.modules() if isinstance(m, TokenGates)), None)
+
+
+def install_token_gates(model: torch.nn.Module, adapters: Sequence[str], *, seed: int) -> TokenGates:
+    """Give every LoRA layer of ``model`` a token-wise softmax gate over ``adapters`` (peft adapter names, at least
+    two, each present in every LoRA layer; in gate order): ``y = W0 x + Σ_i s_i g_i(x) B_i A_i dropout(x)``,
+    ``g(x) = softmax(W_g x)``. Each ``W_g`` is drawn as ``nn.Linear`` initialises it (:func:`fresh_gate`), module
+    after module from one generator seeded by ``seed``. Install it after the last adapter is added."""
+    from peft.tuners.lora import LoraLayer
+
+    adapters = tuple(adapters)
+    if find_token_gates(model) is not None:
+        raise ValueError("the model already has token gates")
+    if len(adapters) < 2 or len(set(adapters)) != len(adapters):
+        raise ValueError(f"a token gate mixes two or more distinct adapters, not {list(adapters)}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("the model has no LoRA layer to gate")
+    for name, layer in layers:
+        missing = [a for a in adapters if a not in layer.lora_A]
+        if missing:
+            raise ValueError(f"LoRA layer {name} has no adapter {missing[0]!r} to gate")
+    gates = TokenGates([(name, int(layer.in_features)) for name, layer in layers], adapters)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for (_, layer), mixer in zip(layers, gates.mixers, strict=True):
+            like = layer.lora_A[adapters[0]].weight
+            mixer.to(device=like.device, dtype=like.dtype)
+            mixer.weight.copy_(fresh_gate(len(adapters), mixer.in_features, gen))
+    for (_, layer), mixer in zip(layers, gates.mixers, strict=True):
+        for i, adapter in enumerate(adapters):
+            layer.lora_dropout[adapter] = _GatedDropout(layer.lora_dropout[adapter], mixer, i)
+    model.add_module("token_gates", gates)
+    return gates
+
+
+def save_token_gates(model: torch.nn.Module, directory: str | Path) -> Path | None:
+    """Write the model's gates to ``directory/token_gate.safetensors`` (None, and nothing written, without gates)."""
+    from safetensors.torch import save_file
+
+    gates = find_token_gates(model)
+    if gates is None:
+        return None
+    path = Path(directory) / GATE_FILE
+    tensors = {name: w.detach().cpu().contiguous() for name, w in gates.weights().items()}
+    save_file(tensors, str(path), metadata={"format": _GATE_FORMAT, "adapters": json.dumps(list(gates.adapters))})
+    return path
+
+
+def load_token_gates(model: torch.nn.Module, path: str | Path) -> TokenGates:
+    """Install the gates saved in ``path`` (:func:`save_token_gates`) on ``model``, which holds the adapters they
+    mix. ValueError naming the file and the key when the file does not fit the model."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be loaded: {e}") from None
+    try:
+        if meta.get("format") != _GATE_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {_GATE_FORMAT!r}")
+        adapters = json.loads(meta.get("adapters", "null"))
+        if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+            raise ValueError(f"'adapters' is {meta.get('adapters')!r}, not a list of adapter names")
+        gates = install_token_gates(model, adapters, seed=0)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    weights = gates.weights()
+    missing, extra = sorted(set(weights) - set(tensors)), sorted(set(tensors) - set(weights))
+    if missing or extra:
+        raise ValueError(f"{path}: gates of other modules (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, w in weights.items():
+            if tuple(tensors[name].shape) != tuple(w.shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(w.shape)}")
+            w.copy_(tensors[name])
+    return gates
 
 
 def base_weights(model: torch.nn.Module, layout: LoraLayout) -> dict[str, torch.nn.Parameter]:

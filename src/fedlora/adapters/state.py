@@ -38,6 +38,23 @@ def namespaced(namespace: str, key: str) -> str:
     return f"{namespace}{NAMESPACE_SEP}{key}" if namespace else key
 
 
+GATE_NAMESPACE = "gate"
+"""Keys of a token-wise gate (:func:`fedlora.adapters.peft_io.install_token_gates`): ``gate/<module name>.weight``,
+one ``(K, in_features)`` mixer per adapted module (K = the adapters it mixes). Never a peft key."""
+
+
+def gate_key(module_name: str) -> str:
+    """The key of the token-wise gate of module ``module_name``."""
+    return namespaced(GATE_NAMESPACE, module_name + ".weight")
+
+
+def fresh_gate(num_adapters: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """A new ``(num_adapters, in_features)`` gate drawn as ``nn.Linear`` initialises its weight (kaiming-uniform
+    with a = √5: uniform in ±1/√in_features), float32. Randomness comes only from ``generator``."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(num_adapters, in_features, generator=generator) * 2 - 1) * bound
+
+
 @dataclass(frozen=True)
 class LoraModuleSpec:
     """One LoRA-adapted module: where its factors live and how ``ΔW = s·B@A`` is formed.
@@ -117,6 +134,11 @@ class LoraLayout:
     @property
     def all_keys(self) -> tuple[str, ...]:
         return self.lora_keys + self.other_keys
+
+    @property
+    def gate_keys(self) -> tuple[str, ...]:
+        """The keys a token-wise gate over these modules has (:func:`gate_key`), in module order."""
+        return tuple(gate_key(m.name) for m in self.modules)
 
     def namespaced(self, namespace: str, *, with_other_keys: bool = False) -> LoraLayout:
         """The same modules under ``namespace`` (a second adapter's keys); heads only when asked."""

@@ -46,6 +46,8 @@ from fedlora.adapters.state import (
     LoraModuleSpec,
     clone_state,
     combine_tensors,
+    fresh_gate,
+    gate_key,
     namespaced,
     parse_aggregator,
     slice_to_rank,
@@ -407,6 +409,14 @@ class FedMethod(ABC):
     ``proportional`` (every rank slot then means the same at every client)."""
     extra_adapters: ClassVar[tuple[str, ...]] = ()
     """Namespaces of further adapters every client holds besides the default one (e.g. FedDPA's ``local``)."""
+    token_gate: ClassVar[tuple[str, ...]] = ()
+    """Namespaces (``""`` = the default adapter) of the adapters a trainable token-wise gate mixes, in gate order;
+    empty: no gate. The run then gives every adapted module a mixer ``W_g`` (K × in, no bias) and
+    ``y = W0 x + Σ_i s_i·g_i(x)·B_i A_i x`` with ``g(x) = softmax(W_g x)`` per token
+    (:func:`fedlora.adapters.peft_io.install_token_gates`); ``W_g`` is the tensor ``gate/<module>.weight``
+    (:meth:`gate_keys`), trained and kept like any key the method lists in its stages and kept state (it is not a
+    peft key). The gate does the mixing, so stages give the gated adapters weight 1. :meth:`gate_of` may switch
+    the gate by option."""
     supports_robust_aggregation: ClassVar[bool] = True
     """Every client tensor the method averages goes through :meth:`combine` (directly or via :meth:`average_keys`),
     so ``aggregator`` may replace the weighted mean by a coordinate-wise median or trimmed mean. False for methods
@@ -449,9 +459,34 @@ class FedMethod(ABC):
         if not isinstance(self.options, self.Options):
             raise TypeError(f"{self.id}: options must be {self.Options.__name__}")
         self.extra_layouts = {ns: self.layout.namespaced(ns) for ns in self.extra_adapters}
+        unknown = [ns for ns in self.gate_adapters if ns not in ("", *self.extra_adapters)]
+        if unknown:
+            raise ValueError(f"{self.id}: the token gate mixes {unknown}, which are not adapters of the method")
         self._modules: dict[str, LoraModuleSpec] = {m.name: m for m in self.layout.modules}
         for lay in self.extra_layouts.values():
             self._modules.update({m.name: m for m in lay.modules})
+
+    # ----------------------------------------------------------------- token-wise gate
+    @classmethod
+    def gate_of(cls, options: Any) -> tuple[str, ...]:
+        """The adapters the token-wise gate mixes under ``options`` (default: :attr:`token_gate`)."""
+        return cls.token_gate
+
+    @property
+    def gate_adapters(self) -> tuple[str, ...]:
+        """The adapters this method's token-wise gate mixes (empty: no gate)."""
+        return self.gate_of(self.options)
+
+    def gate_keys(self) -> tuple[str, ...]:
+        """``gate/<module>.weight`` of every adapted module when the method has a gate, else nothing."""
+        return self.layout.gate_keys if self.gate_adapters else ()
+
+    def fresh_gates(self, seed: int) -> AdapterState:
+        """A gate ``W_g`` per module drawn as ``nn.Linear`` initialises its weight (float32), module after module in
+        layout order from one generator seeded by ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        k = len(self.gate_adapters)
+        return {gate_key(spec.name): fresh_gate(k, spec.in_features, gen) for spec in self.layout.modules}
 
     # ----------------------------------------------------------------- ranks and specs
     def client_rank(self, client_id: int, server: ServerState | None = None) -> int | None:

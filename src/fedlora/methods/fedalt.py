@@ -6,12 +6,21 @@ Rest-of-World LoRA", AAAI 2026, arXiv:2503.11880. Reference code: jmbian/FedALT@
 
 Every client holds two LoRA adapters of the same rank, alpha and target modules: its **individual** LoRA (the
 default adapter, ``A1, B1`` and the task heads) and a **Rest-of-World** (RoW) LoRA (the ``row`` adapter, keys
-``row/<peft key>``, ``A0, B0``). A client's model is ``y = W0 x + s·(w·B1 A1 x + (1 − w)·B0 A0 x)``.
+``row/<peft key>``, ``A0, B0``), mixed per token by a trainable **adaptive mixer** (the reference's MoE-style gate):
+per adapted module ``W_g`` (2 × n, no bias, key ``gate/<module>.weight``) and
 
-* Client: trains ``A1, B1`` and the heads only; ``A0, B0`` are frozen (not in the trainable set: no gradient, so they
-  are bit-identical to the download after training). The individual LoRA (and the heads, unless ``local_head=false``)
-  is **kept local across rounds**: the engine holds it and hands it back, so what the client keeps is exactly what its
-  training produced, whatever the server does. Up: ``A1, B1`` (``r(m+n)`` per module) [and heads].
+    ``y = W0 x + s·(g_0(x)·B0 A0 drop(x) + g_1(x)·B1 A1 drop(x))``,  ``g(x) = softmax(W_g x)`` for each token
+
+(index 0 the RoW, 1 the individual LoRA; the logits come from the layer input before dropout, as the reference).
+``W_g = 0`` gives ``g = (½, ½)``: ``y = W0 x + (s/2)(B0 A0 + B1 A1) x``.
+
+* Client: trains ``A1, B1``, ``W_g`` and the heads; ``A0, B0`` are frozen (not in the trainable set: no gradient, so
+  they are bit-identical to the download after training). The individual LoRA and ``W_g`` (and the heads, unless
+  ``local_head=false``) are **kept local across rounds**: the engine holds them and hands them back, so what the
+  client keeps is exactly what its training produced, whatever the server does. ``W_g`` never travels and is never
+  aggregated (the reference's ``route_aggregation=False``); a client's first ``W_g`` is drawn as ``nn.Linear``
+  initialises it (kaiming-uniform, a = √5) from (run seed, client id), as the reference builds each client's model
+  on its own: the same client gets the same gate after a restart. Up: ``A1, B1`` (``r(m+n)`` per module) [and heads].
 * Server, leave-one-out, uniform by default (the reference): for each client k of the round,
   ``A0^(k) = (1/(K−1))·Σ_{j≠k} A1^(j)`` and ``B0^(k) = (1/(K−1))·Σ_{j≠k} B1^(j)`` (A and B separately: the RoW product
   is FedIT-inexact, ``B0 A0 ≠ mean_{j≠k} B1^(j) A1^(j)``, as in the reference). ``--weighting`` replaces ``1/(K−1)`` by
@@ -23,15 +32,16 @@ default adapter, ``A1, B1`` and the task heads) and a **Rest-of-World** (RoW) Lo
   comes from someone else). With a single reply the others' set is empty: that client keeps the RoW it was sent and
   the world adapter becomes its upload. Before the first aggregation every client receives the initial ``row``
   adapter (A0 random, B0 = 0: it contributes nothing), as the reference.
-* No global model: every client is evaluated with its own mix, on its own test split.
+* No global model: every client is evaluated with its own gate, on its own test split. ``personal/client-K/`` holds
+  its two peft adapters and ``token_gate.safetensors`` (its ``W_g`` by module name): ``fedlora.load_trained(run,
+  client=K)`` installs the gate and gives the engine's model; plain ``PeftModel.from_pretrained`` of the adapters
+  alone does **not** (it has no gate), and ``fedlora export`` refuses a gated model (an input-dependent mix cannot be
+  merged into weights or written as one peft adapter).
 
 Choices, each an option where the specification leaves them open:
 
-* ``individual_weight`` ``w`` (default ½): the mix of the two adapters. The reference mixes them with a trainable,
-  token-wise softmax gate ``g(x) = softmax(W_g x)`` (``W_g`` 2×n per module, kept local); ``w = ½`` is that gate at
-  ``W_g = 0`` (``y = W0 x + (s/2)(B0 A0 + B1 A1) x``). **The adaptive gate is not implemented**: the training loop and
-  the saved peft adapters carry LoRA factors and fixed per-adapter scales only, so an input-dependent gate needs engine
-  support (a gate parameter per adapted layer and its export); until then the mix is the fixed ``(w, 1 − w)``.
+* ``mix``: ``gate`` (default, the reference) or ``fixed``: no gate, ``y = W0 x + s·(w·B1 A1 x + (1 − w)·B0 A0 x)``
+  with ``individual_weight`` ``w`` (default ½, the gate at ``W_g = 0``); a fixed mix exports like FedDPA's.
 * ``local_head``: the heads (``modules_to_save``; the reference is a causal LM without one) belong to the individual
   model and stay with the client (default), or are averaged FedIT-style over the round and sent to every client.
 * ``individual_init``: a client's first individual LoRA is the run's initial default adapter (``shared``, default: the
@@ -79,10 +89,16 @@ WORLD = "fedalt.world"
 
 @dataclass(frozen=True)
 class FedALTOptions:
+    mix: str = option(
+        "gate",
+        "how the individual and Rest-of-World LoRAs are mixed: gate (the reference: a trainable token-wise softmax "
+        "gate W_g per module, kept by each client, never uploaded) or fixed (individual_weight)",
+        choices=("gate", "fixed"),
+    )
     individual_weight: float = option(
         0.5,
-        "w: the individual LoRA's share of the mix, the Rest-of-World gets 1-w (0.5 = the reference's gate at "
-        "W_g = 0; the adaptive token-wise gate is not implemented)",
+        "mix=fixed only: w, the individual LoRA's share of the mix, the Rest-of-World gets 1-w (0.5 = the gate at "
+        "W_g = 0)",
         minimum=0.0,
         maximum=1.0,
     )
@@ -95,6 +111,10 @@ class FedALTOptions:
     )
 
     def __post_init__(self) -> None:
+        if self.mix == "gate" and self.individual_weight != 0.5:
+            raise ValueError(
+                f"individual_weight={self.individual_weight!r} applies to mix=fixed only (the gate learns the mix)"
+            )
         if not self.individual_weight > 0.0:
             raise ValueError(
                 f"individual_weight={self.individual_weight!r} must be > 0: at 0 the individual LoRA gets no gradient"
@@ -104,9 +124,9 @@ class FedALTOptions:
 @register_method
 class FedALT(FedMethod):
     id = "fedalt"
-    family = "personalised (individual LoRA + frozen rest-of-world LoRA)"
+    family = "personalised (individual LoRA + frozen rest-of-world LoRA, mixed per token by a local gate)"
     paper = "Bian et al., AAAI 2026, arXiv:2503.11880"
-    up = "individual A1, B1 (heads too if local_head=false)"
+    up = "individual A1, B1 (heads too if local_head=false); the gate W_g never travels"
     down = "the client's own Rest-of-World A0, B0 = mean of the OTHER clients' uploads (heads too if local_head=false)"
     bytes_up = "r(m+n) (+ heads if local_head=false)"
     bytes_down = "r(m+n) per client, personalised (+ heads if local_head=false)"
@@ -114,15 +134,29 @@ class FedALT(FedMethod):
     has_personal_state = True
     has_global_model = False
     extra_adapters = (ROW,)
+    token_gate = (ROW, "")
+    """The gate's index 0 is the Rest-of-World adapter, 1 the individual (default) one, as in the paper."""
     Options = FedALTOptions
+
+    @classmethod
+    def gate_of(cls, options: FedALTOptions) -> tuple[str, ...]:
+        return cls.token_gate if options.mix == "gate" else ()
 
     # ----------------------------------------------------------------- keys
     def shared_heads(self) -> tuple[str, ...]:
         return () if self.options.local_head else self.layout.other_keys
 
     def personal_keys(self) -> tuple[str, ...]:
-        """What a client keeps: its individual LoRA (and the heads when they are local)."""
-        return self.layout.lora_keys + (self.layout.other_keys if self.options.local_head else ())
+        """What a client keeps: its individual LoRA, its gate (and the heads when they are local)."""
+        heads = self.layout.other_keys if self.options.local_head else ()
+        return self.layout.lora_keys + heads + self.gate_keys()
+
+    def mix_weights(self) -> dict[str, float]:
+        """The multipliers of the two adapters' scales: 1 each under the gate (it mixes), ``(w, 1 − w)`` fixed."""
+        if self.gate_adapters:
+            return {"": 1.0, ROW: 1.0}
+        w = self.options.individual_weight
+        return {"": w, ROW: 1.0 - w}
 
     def upload_keys(self) -> tuple[str, ...]:
         return self.layout.lora_keys + self.shared_heads()
@@ -162,9 +196,8 @@ class FedALT(FedMethod):
     def plan(self, rnd: int, client_id: int, server: ServerState) -> ClientPlan:
         download = {k: v.clone() for k, v in self.row_for(server, client_id).items()}
         download.update({k: server.adapter[k] for k in self.shared_heads()})
-        w = self.options.individual_weight
-        train = frozenset(self.layout.all_keys)  # A1, B1 and the heads; never the RoW
-        stages = (Stage(train, {"": w, ROW: 1.0 - w}),)
+        train = frozenset(self.layout.all_keys + self.gate_keys())  # A1, B1, W_g and the heads; never the RoW
+        stages = (Stage(train, self.mix_weights()),)
         return self.make_plan(rnd, client_id, server, download=download, upload_keys=self.upload_keys(), stages=stages)
 
     def aggregate(self, rnd: int, server: ServerState, updates: Sequence[ClientUpdate]) -> AggregateResult:
@@ -188,9 +221,15 @@ class FedALT(FedMethod):
 
     # ----------------------------------------------------------------- client side
     def start_state(self, plan: ClientPlan, initial: AdapterState, personal: AdapterState | None) -> AdapterState:
-        """The client's own individual LoRA (kept from its last round), or at its first participation the initial
-        one (``shared``) or a draw of its own (``per_client``); its RoW from the download."""
+        """The client's own individual LoRA and gate (kept from its last round), or at its first participation the
+        initial LoRA (``shared``) or a draw of its own (``per_client``) and a gate drawn from (run seed, client); its
+        RoW from the download."""
         state = super().start_state(plan, initial, personal)
+        missing = [k for k in self.gate_keys() if k not in (personal or {})]
+        if missing:
+            drawn = self.fresh_gates(derive_seed(self.seed, "fedalt.gate", plan.client_id))
+            for key in missing:
+                state[key] = drawn[key].to(initial[key].dtype) if key in initial else drawn[key]
         if personal is None and self.options.individual_init == "per_client":
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "fedalt.individual", plan.client_id))
             for spec in self.layout.modules:
@@ -207,5 +246,4 @@ class FedALT(FedMethod):
         return subset(trained, plan.upload_keys), keep
 
     def inference_weights(self, client_id: int) -> Mapping[str, float]:
-        w = self.options.individual_weight
-        return {"": w, ROW: 1.0 - w}
+        return self.mix_weights()
