@@ -685,12 +685,15 @@ class FedMethod(ABC):
                 state[key] = value.to(initial[key].dtype)
         return state
 
-    def fresh_factors(self, seed: int, ranks: Mapping[str, ModuleRank]) -> AdapterState:
+    def fresh_factors(
+        self, seed: int, ranks: Mapping[str, ModuleRank], layout: LoraLayout | None = None
+    ) -> AdapterState:
         """The LoRA factors a plan with ``reinit_seed=seed`` starts from (float32): A drawn as ``init_lora_weights``
-        says, B = 0, module after module in layout order from one generator seeded by ``seed``."""
+        says, B = 0, module after module in layout order from one generator seeded by ``seed``; of the default
+        adapter, or of ``layout`` (e.g. a further adapter's, :attr:`extra_layouts`)."""
         gen = torch.Generator().manual_seed(seed)
         out = {}
-        for spec in self.layout.modules:
+        for spec in (layout or self.layout).modules:
             r = ranks[spec.name].rank
             a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
             out[spec.a_key], out[spec.b_key] = a, b

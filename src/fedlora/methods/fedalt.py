@@ -64,7 +64,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.adapters.algebra import fresh_lora_factors
 from fedlora.adapters.state import AdapterState, namespaced, subset
 from fedlora.methods.base import (
     AggregateResult,
@@ -231,12 +230,8 @@ class FedALT(FedMethod):
             for key in missing:
                 state[key] = drawn[key].to(initial[key].dtype) if key in initial else drawn[key]
         if personal is None and self.options.individual_init == "per_client":
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "fedalt.individual", plan.client_id))
-            for spec in self.layout.modules:
-                r = plan.ranks[spec.name].rank
-                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
-                state[spec.a_key] = a.to(initial[spec.a_key].dtype)
-                state[spec.b_key] = b.to(initial[spec.b_key].dtype)
+            drawn = self.fresh_factors(derive_seed(self.seed, "fedalt.individual", plan.client_id), plan.ranks)
+            state.update({k: v.to(initial[k].dtype) for k, v in drawn.items()})
         return state
 
     def finish(

@@ -63,9 +63,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from fedlora.adapters.algebra import fresh_lora_factors
 from fedlora.adapters.state import AdapterState, subset
 from fedlora.methods.base import (
     AggregateResult,
@@ -180,12 +177,9 @@ class FedDPA(FedMethod):
         the initial one (``shared``) or a draw of its own (``per_client``)."""
         state = super().start_state(plan, initial, personal)
         if personal is None and self.options.local_init == "per_client":
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "feddpa.local", plan.client_id))
-            for spec in self.extra_layouts[LOCAL].modules:
-                r = plan.ranks[spec.name].rank
-                a, b = fresh_lora_factors(spec.out_features, spec.in_features, r, gen, init=self.ctx.init_lora_weights)
-                state[spec.a_key] = a.to(initial[spec.a_key].dtype)
-                state[spec.b_key] = b.to(initial[spec.b_key].dtype)
+            seed = derive_seed(self.seed, "feddpa.local", plan.client_id)
+            drawn = self.fresh_factors(seed, plan.ranks, self.extra_layouts[LOCAL])
+            state.update({k: v.to(initial[k].dtype) for k, v in drawn.items()})
         return state
 
     def finish(
