@@ -185,7 +185,7 @@ def test_readme_documents_every_option_and_opens_with_two_commands() -> None:
     commands = [b.split("\n```", 1)[0].strip() for b in blocks]
     assert commands == [
         "bash scripts/install.sh && .venv/bin/fedlora run",
-        "bash scripts/install.sh --dev && .venv/bin/python -m pytest",
+        "bash scripts/install.sh --dev && .venv/bin/python -m pytest -n 2 --dist loadfile",
     ]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert commands[1] in ci
